@@ -154,14 +154,17 @@ def generate_shard(
 
     Rows go to `<output>.partial` (resumed by `pipo generate` if a killed job reruns:
     Snakemake only deletes declared outputs) and are renamed into place when complete.
+    Prompts marked for truncation (LongBench v2) are first fitted to the section's prompt
+    budget with the model's tokenizer (`pipo.eval.truncation`).
     """
     from pipo.data.build import shard as take_shard
     from pipo.data.records import read_jsonl, write_jsonl
+    from pipo.eval.truncation import fit_to_model
 
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
     shard_input = output.with_name(output.name + ".input.jsonl")
-    write_jsonl(shard_input, take_shard(read_jsonl(records), shard, shards))
+    write_jsonl(shard_input, fit_to_model(take_shard(read_jsonl(records), shard, shards), model, section))
     run_cli(["generate", "--model", str(model), "--method", method, "--input", str(shard_input),
              "--output", str(partial), *generate_args(section)])
     partial.rename(output)

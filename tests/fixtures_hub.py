@@ -9,6 +9,7 @@ import base64
 import json
 import pickle
 import socket
+import uuid
 import zlib
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,13 @@ def lcb_row(question_id: str, contest_date: str, functional: bool = False) -> di
 
 
 def write_livecodebench(root: Path) -> list[dict[str, Any]]:
-    """Rows across two of the release files, on both sides of the 2025-02-01 cut."""
-    old = [lcb_row("old1", "2024-12-01T00:00:00"), lcb_row("edge-before", "2025-01-31T23:59:59")]
+    """Rows across two of the release files, on both sides of the 2025-02-01 cut, with times
+    of day next to it (18:30 the day before is 00:00 the next day in UTC+5:30)."""
+    old = [
+        lcb_row("old1", "2024-12-01T00:00:00"),
+        lcb_row("edge-1830", "2025-01-31T18:30:00"),
+        lcb_row("edge-before", "2025-01-31T23:59:59"),
+    ]
     new = [
         lcb_row("edge-on", "2025-02-01T00:00:00"),
         lcb_row("new-stdin", "2025-03-15T00:00:00"),
@@ -121,25 +127,28 @@ def write_livecodebench(root: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------ zai-org/LongBench-v2
 
 
-def write_longbench_v2(root: Path) -> list[dict[str, Any]]:
-    """data.json (one JSON list) with short, medium and long items."""
-    rows = [
-        {
-            "_id": f"lb{i}",
-            "domain": "Single-Document QA",
-            "sub_domain": "Academic",
-            "difficulty": "easy",
-            "length": length,
-            "question": f"What colour is object {i}?",
-            "choice_A": "red",
-            "choice_B": "green",
-            "choice_C": "blue",
-            "choice_D": "black",
-            "answer": "ABCD"[i % 4],
-            "context": f"A long document {i}. Object {i} is {['red', 'green', 'blue', 'black'][i % 4]}.",
-        }
-        for i, length in enumerate(["short", "medium", "short", "long", "short"])
-    ]
+def longbench_row(i: int, length: str = "short", context: str | None = None) -> dict[str, Any]:
+    """One data.json item; the context says which colour is right unless one is given."""
+    colour = ["red", "green", "blue", "black"][i % 4]
+    return {
+        "_id": f"lb{i}",
+        "domain": "Single-Document QA",
+        "sub_domain": "Academic",
+        "difficulty": "easy",
+        "length": length,
+        "question": f"What colour is object {i}?",
+        "choice_A": "red",
+        "choice_B": "green",
+        "choice_C": "blue",
+        "choice_D": "black",
+        "answer": "ABCD"[i % 4],
+        "context": context if context is not None else f"A long document {i}. Object {i} is {colour}.",
+    }
+
+
+def write_longbench_v2(root: Path, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """data.json (one JSON list); by default short, medium and long items."""
+    rows = rows or [longbench_row(i, length) for i, length in enumerate(["short", "medium", "short", "long", "short"])]
     root.mkdir(parents=True, exist_ok=True)
     (root / "data.json").write_text(json.dumps(rows), encoding="utf-8")
     return rows
@@ -155,19 +164,20 @@ DAPO_WRAP = (
 
 
 def write_dapo_math(root: Path, n: int = 20) -> list[dict[str, Any]]:
-    """all/train-00000-of-00001.parquet with the processed dataset's columns."""
+    """all/train-00000-of-00001.parquet with the processed dataset's columns: `extra_info.index`
+    a UUID string; `prompt` the bare problem on even rows, inside DAPO's "Answer:" wrapper on odd ones."""
     rows = []
     for i in range(n):
-        prompt = DAPO_WRAP.format(q=f"What is {i} squared?")
+        wrapped = DAPO_WRAP.format(q=f"What is {i} squared?")
         rows.append(
             {
-                "prompt": prompt,
+                "prompt": wrapped if i % 2 else f"What is {i} squared?",
                 "solution": str(i * i),
                 "data_source": "math_dapo",
-                "source_prompt": [{"content": prompt, "role": "user"}],
+                "source_prompt": [{"content": wrapped, "role": "user"}],
                 "ability": "MATH",
                 "reward_model": {"ground_truth": str(i * i), "style": "rule-lighteval/MATH_v2"},
-                "extra_info": {"index": f"uid-{i:03d}"},
+                "extra_info": {"index": str(uuid.UUID(int=i + 1, version=4))},
             }
         )
     _parquet(root / "all" / "train-00000-of-00001.parquet", rows)
@@ -177,7 +187,21 @@ def write_dapo_math(root: Path, n: int = 20) -> list[dict[str, Any]]:
 # ----------------------------------------------- open-r1/codeforces (verifiable-prompts)
 
 
-def codeforces_row(pid: str, language: str = "python", interactive: bool = False) -> dict[str, Any]:
+# A generated_checker in the dataset's contract (`python checker.py input.txt
+# correct_output.txt solution_output.txt`, printing 1 to accept, 0 to reject, as graders of
+# open-r1/codeforces call it). This one accepts any two numbers that sum to the expected one.
+SUM_CHECKER = """import sys
+input_path, expected_path, output_path = sys.argv[1:4]
+want = int(open(expected_path).read().split()[0])
+got = open(output_path).read().split()
+print(1 if len(got) == 2 and int(got[0]) + int(got[1]) == want else 0)
+"""
+
+
+def codeforces_row(
+    pid: str, language: str = "python", *, interactive: bool = False, checker: str | None = None,
+    input_mode: str = "stdio",
+) -> dict[str, Any]:
     """One verifiable-prompts row (the dataset's columns that loaders use, plus a few more)."""
     return {
         "id": pid,
@@ -199,21 +223,23 @@ def codeforces_row(pid: str, language: str = "python", interactive: bool = False
         "tags": ["math"],
         "official_tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "4 5\n", "output": "9\n"}],
         "official_tests_complete": True,
-        "input_mode": "stdio",
-        "generated_checker": None,
+        "input_mode": input_mode,
+        "generated_checker": checker,
         "executable": True,
         "prompt": f"You are given a problem ({language}) ...",
         "language": language,
     }
 
 
-def write_codeforces_prompts(root: Path) -> list[dict[str, Any]]:
-    """verifiable-prompts/train-00000-of-00001.parquet: python and cpp rows, one interactive."""
-    rows = [
+def write_codeforces_prompts(root: Path, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """verifiable-prompts/train-00000-of-00001.parquet; by default python and cpp rows of one
+    problem, a checker problem (several right outputs), a file-input one and an interactive one."""
+    rows = rows or [
         codeforces_row("1/A"),
-        codeforces_row("1/A", language="cplusplus"),
-        codeforces_row("2/B"),
+        codeforces_row("1/A", language="cpp"),
+        codeforces_row("2/B", language="cpp", checker=SUM_CHECKER),
         codeforces_row("3/C", interactive=True),
+        codeforces_row("4/D", input_mode="file"),
     ]
     _parquet(root / "verifiable-prompts" / "train-00000-of-00001.parquet", rows)
     return rows

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import pickle
+import uuid
 import zlib
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pipo.data.records import (
     validate_record,
     write_jsonl,
 )
-from pipo.data.sources import load_codeforces_prompts, load_dapo_math
+from pipo.data.sources import dapo_question, load_codeforces_prompts, load_dapo_math, load_prompt_source
 from pipo.eval.benchmarks import BENCHMARKS, decode_lcb_tests, load_benchmark
 from tests import fixtures_hub as hub
 
@@ -78,7 +79,9 @@ def test_livecodebench_date_filter_and_private_tests(tmp_path: Path, cache: Path
     hub.write_livecodebench(tmp_path / "lcb")
     records = {r["id"]: r for r in load_benchmark("livecodebench", tmp_path / "lcb", cache_dir=cache)}
     _check_all(list(records.values()))
+    # 2025-01-31T18:30:00 and 23:59:59 fall before the window, 2025-02-01T00:00:00 inside it
     assert sorted(records) == ["livecodebench/edge-on", "livecodebench/new-func", "livecodebench/new-stdin"]
+    assert records["livecodebench/edge-on"]["metadata"]["contest_date"] == "2025-02-01"
 
     stdin = records["livecodebench/new-stdin"]
     assert stdin["tests"] == {
@@ -87,7 +90,12 @@ def test_livecodebench_date_filter_and_private_tests(tmp_path: Path, cache: Path
         "outputs": ["3\n", "12\n", "0\n"],
         "fn_name": None,
         "time_limit_s": None,
-        "memory_mb": None,
+        "memory_limit_mb": None,
+        "language": "python",
+        "checker": None,
+        "input_mode": "stdio",
+        "input_file": None,
+        "output_file": None,
     }
     assert "standard input" in stdin["prompt"] and "```python" in stdin["prompt"]
 
@@ -129,7 +137,65 @@ def test_longbench_short_subset(tmp_path: Path, cache: Path) -> None:
     for record, row in zip(records, short):
         assert record["answer"] == row["answer"]
         assert record["metadata"]["choices"] == ["red", "green", "blue", "black"]
+        assert record["metadata"]["truncation"] == "middle"
         assert row["context"] in record["prompt"] and "C) blue" in record["prompt"]
+
+
+def _words(n: int) -> str:
+    return " ".join(f"w{i}" for i in range(n))
+
+
+def test_longbench_middle_truncation_keeps_head_and_tail_within_budget(tmp_path: Path, cache: Path) -> None:
+    """A context far over budget is cut in the middle with the model's tokenizer: the prompt as
+    the engine encodes it (chat template included) fits, the start of the document and the
+    question/choices at the end survive, and the token counts are recorded."""
+    from pipo.engine.parts import encode_prompt
+    from pipo.eval.truncation import fit_to_model, middle_truncate
+    from pipo.testing import default_corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(default_corpus(200))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    long_context = "BEGIN-OF-DOC " + _words(3000) + " END-OF-DOC"
+    hub.write_longbench_v2(tmp_path / "lb", [hub.longbench_row(0, context=long_context), hub.longbench_row(2)])
+    records = load_benchmark("longbench_v2", tmp_path / "lb", cache_dir=cache)
+    fitted = fit_to_model(records, tmp_path / "tok", {"max_seq_len": 700, "max_new_tokens": 200})
+    _check_all(fitted)
+
+    cut, whole = fitted[0], fitted[1]
+    tokens = cut["metadata"]["prompt_tokens"]
+    assert tokens["budget"] == 500 and tokens["original"] > 5 * 500
+    assert tokens["kept"] == len(encode_prompt(tokenizer, cut["prompt"])) and 490 <= tokens["kept"] <= 500
+    assert cut["prompt"].startswith("Please read the following text") and "BEGIN-OF-DOC w0 w1" in cut["prompt"]
+    assert cut["prompt"].endswith(records[0]["prompt"][-200:])  # question, choices, instruction kept
+    assert "w1500 " not in cut["prompt"] and "END-OF-DOC" in cut["prompt"]
+    # the cut prompt is a prefix of the original then a suffix of it, each about half
+    text, original = cut["prompt"], records[0]["prompt"]
+    prefix = next(i for i, (a, b) in enumerate(zip(text, original)) if a != b)
+    suffix = next(i for i, (a, b) in enumerate(zip(text[::-1], original[::-1])) if a != b)
+    assert prefix + suffix >= len(text) - 3 and min(prefix, suffix) > 0.35 * len(text)
+    # a prompt within budget is kept whole, with its count recorded
+    assert whole["prompt"] == records[1]["prompt"]
+    assert whole["metadata"]["prompt_tokens"]["original"] == whole["metadata"]["prompt_tokens"]["kept"] < 500
+
+    # an explicit budget wins; one too small for the chat template alone is one clear error
+    assert middle_truncate(tokenizer, records[0]["prompt"], 120)[2] <= 120
+    with pytest.raises(ValueError, match="no room for the text"):
+        middle_truncate(tokenizer, records[0]["prompt"], 3)
+
+
+def test_pipo_benchmark_cli_fits_longbench_prompts(tmp_path: Path, cache: Path) -> None:
+    from pipo.cli import main
+    from pipo.testing import default_corpus, train_tokenizer
+
+    train_tokenizer(default_corpus(200)).save_pretrained(tmp_path / "tok")
+    hub.write_longbench_v2(tmp_path / "lb", [hub.longbench_row(0, context=_words(3000))])
+    out = tmp_path / "bench.jsonl"
+    assert main(["benchmark", "--name", "longbench_v2", "--source", str(tmp_path / "lb"), "--output", str(out),
+                 "--tokenizer", str(tmp_path / "tok"), "--prompt-budget", "300"]) == 0
+    (record,) = read_records(out)
+    assert record["metadata"]["prompt_tokens"]["budget"] == 300 and record["metadata"]["prompt_tokens"]["kept"] <= 300
+    assert main(["benchmark", "--name", "longbench_v2", "--source", str(tmp_path / "lb"), "--output", str(out),
+                 "--tokenizer", str(tmp_path / "tok")]) == 2  # no budget and no max-seq-len: an error, no file change
 
 
 def test_dapo_split_is_disjoint_and_complete(tmp_path: Path, cache: Path) -> None:
@@ -143,20 +209,72 @@ def test_dapo_split_is_disjoint_and_complete(tmp_path: Path, cache: Path) -> Non
     assert [r["id"] for r in sft + rl] == [r["id"] for r in everything]
     assert [r["answer"] for r in everything] == [row["solution"] for row in rows]
     assert {r["metadata"]["split"] for r in sft} == {"sft"} and {r["metadata"]["split"] for r in rl} == {"rl"}
-    assert sft[0]["id"] == "dapo_math/uid-000"
-    assert sft[3]["prompt"] == f"{MATH_INSTRUCTION}\n\nWhat is 3 squared?"  # DAPO's Answer: wrapper gone
     assert load_dapo_math(tmp_path / "dapo", "rl", limit=1, cache_dir=cache) == rl[:1]
 
 
-def test_codeforces_prompts(tmp_path: Path, cache: Path) -> None:
+def test_dapo_uuid_index_and_both_prompt_forms(tmp_path: Path, cache: Path) -> None:
+    """`extra_info.index` is a UUID string (the id); a bare prompt and one inside DAPO's
+    "Answer:" wrapper give the same clean question under the spec's instruction."""
+    rows = hub.write_dapo_math(tmp_path / "dapo", n=4)
+    records = load_dapo_math(tmp_path / "dapo", cache_dir=cache)
+    assert [r["id"] for r in records] == [f"dapo_math/{row['extra_info']['index']}" for row in rows]
+    assert str(uuid.UUID(rows[0]["extra_info"]["index"])) == rows[0]["extra_info"]["index"]
+    assert "Answer:" not in rows[2]["prompt"] and "Answer:" in rows[3]["prompt"]
+    for i in (2, 3):
+        assert records[i]["prompt"] == f"{MATH_INSTRUCTION}\n\nWhat is {i} squared?"
+    assert dapo_question(rows[3]["prompt"]) == dapo_question(" What is 3 squared?\n") == "What is 3 squared?"
+
+
+def test_codeforces_prompts_keep_python_and_cpp_with_checker_fields(tmp_path: Path, cache: Path) -> None:
     hub.write_codeforces_prompts(tmp_path / "cf")
-    records = load_codeforces_prompts(tmp_path / "cf", cache_dir=cache)
-    _check_all(records)
-    assert [r["id"] for r in records] == ["codeforces/1/A", "codeforces/2/B"]  # cpp and interactive dropped
-    tests = records[0]["tests"]
-    assert tests["inputs"] == ["1 2\n", "4 5\n"] and tests["outputs"] == ["3\n", "9\n"]
-    assert (tests["format"], tests["time_limit_s"], tests["memory_mb"]) == ("stdin", 2.0, 256)
-    assert "Given a and b, print a + b." in records[0]["prompt"] and "Example 1" in records[0]["prompt"]
+    records = {r["id"]: r for r in load_codeforces_prompts(tmp_path / "cf", cache_dir=cache)}
+    _check_all(list(records.values()))
+    # one record per problem and language; the interactive problem is dropped
+    assert sorted(records) == ["codeforces/1/A/cpp", "codeforces/1/A/python", "codeforces/2/B/cpp", "codeforces/4/D/python"]
+
+    python, cpp = records["codeforces/1/A/python"], records["codeforces/1/A/cpp"]
+    assert python["tests"] == {
+        "format": "stdin", "inputs": ["1 2\n", "4 5\n"], "outputs": ["3\n", "9\n"], "fn_name": None,
+        "time_limit_s": 2.0, "memory_limit_mb": 256, "language": "python", "checker": None,
+        "input_mode": "stdio", "input_file": None, "output_file": None,
+    }
+    assert cpp["tests"] == {**python["tests"], "language": "cpp"}
+    assert "```python" in python["prompt"] and "Python 3" in python["prompt"]
+    assert "```cpp" in cpp["prompt"] and "C++17" in cpp["prompt"] and "```python" not in cpp["prompt"]
+    assert "Given a and b, print a + b." in cpp["prompt"] and "Example 1" in cpp["prompt"]
+    assert python["metadata"]["split"] == cpp["metadata"]["split"]  # a problem's languages stay together
+
+    checked = records["codeforces/2/B/cpp"]["tests"]
+    assert checked["checker"] == hub.SUM_CHECKER and checked["language"] == "cpp"
+    file_io = records["codeforces/4/D/python"]
+    assert (file_io["tests"]["input_mode"], file_io["tests"]["input_file"], file_io["tests"]["output_file"]) == (
+        "file", "input.txt", "output.txt")
+    assert "from the file input.txt" in file_io["prompt"] and "to the file output.txt" in file_io["prompt"]
+    assert "standard input" not in file_io["prompt"]
+
+    only_python = load_codeforces_prompts(tmp_path / "cf", languages=("python",), cache_dir=cache)
+    assert [r["id"] for r in only_python] == ["codeforces/1/A/python", "codeforces/4/D/python"]
+
+
+def test_codeforces_sft_rl_split_by_problem_hash(tmp_path: Path, cache: Path) -> None:
+    """About `sft_fraction` of the problems go to SFT, the rest to RL; the part of a problem
+    depends on its id only (not on row order), and the prompt source passes the fraction on."""
+    rows = [hub.codeforces_row(f"{i}/A") for i in range(400)]
+    hub.write_codeforces_prompts(tmp_path / "cf", rows)
+    hub.write_codeforces_prompts(tmp_path / "reversed", rows[::-1])
+
+    parts = {r["id"]: r["metadata"]["split"] for r in load_codeforces_prompts(tmp_path / "cf", cache_dir=cache)}
+    assert abs(sum(p == "sft" for p in parts.values()) / 400 - 0.9) < 0.05
+    reordered = load_codeforces_prompts(tmp_path / "reversed", cache_dir=cache)
+    assert {r["id"]: r["metadata"]["split"] for r in reordered} == parts
+
+    seventy = load_prompt_source("codeforces", tmp_path / "cf", sft_fraction=0.7)
+    assert abs(sum(r["metadata"]["split"] == "sft" for r in seventy) / 400 - 0.7) < 0.06
+    rl = load_codeforces_prompts(tmp_path / "cf", "rl", sft_fraction=0.7, cache_dir=cache)
+    assert {r["id"] for r in rl} == {r["id"] for r in seventy if r["metadata"]["split"] == "rl"}
+    assert {r["id"] for r in rl} >= {i for i, p in parts.items() if p == "rl"}  # a larger RL share only adds problems
+    with pytest.raises(ValueError, match="sft_fraction must be in"):
+        load_codeforces_prompts(tmp_path / "cf", sft_fraction=1.0)
 
 
 def test_registry_limit_and_unknown(tmp_path: Path, cache: Path) -> None:
@@ -200,15 +318,18 @@ def test_jsonl_roundtrip_atomic_and_errors(tmp_path: Path) -> None:
 
 
 def test_hub_ids_go_through_load_dataset_or_snapshot(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hub ids: datasets.load_dataset(repo, config, split, revision); the script-based LCB repo
-    is fetched as files (its release_v6 JSONLs) and read locally."""
+    """Hub ids: datasets.load_dataset(repo, config, split, revision), whose rows are mapped like
+    a local copy's; the script-based LCB repo is fetched as files (its release_v6 JSONLs)."""
     import datasets
 
     from pipo.data import records
 
+    hub.write_gpqa_diamond(tmp_path / "gpqa")
+    local = load_benchmark("gpqa_diamond", tmp_path / "gpqa", seed=3, cache_dir=cache)
+    hub_rows = datasets.Dataset.from_pandas(pd.read_csv(tmp_path / "gpqa" / "gpqa_diamond.csv"))
     calls: list[tuple] = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or [])
-    assert load_benchmark("gpqa_diamond", revision="abc") == []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or hub_rows)
+    assert load_benchmark("gpqa_diamond", revision="abc", seed=3) == local
     assert calls[-1][0] == ("Idavidrein/gpqa", "gpqa_diamond")
     assert (calls[-1][1]["split"], calls[-1][1]["revision"]) == ("train", "abc")
 
@@ -219,3 +340,46 @@ def test_hub_ids_go_through_load_dataset_or_snapshot(tmp_path: Path, cache: Path
     monkeypatch.setattr(records, "snapshot", lambda repo, patterns, revision=None: fetched.append((repo, patterns)) or tmp_path / "snap")
     assert len(load_benchmark("livecodebench", cache_dir=cache)) == 3
     assert fetched == [("livecodebench/code_generation_lite", tuple(f"test{i}.jsonl" for i in ["", 2, 3, 4, 5, 6]))]
+
+
+def _gated_refusal(repo: str) -> Exception:
+    """What huggingface_hub raises for a gated repo without an accepted-terms token."""
+    import httpx
+    from huggingface_hub.errors import GatedRepoError
+
+    request = httpx.Request("GET", f"https://huggingface.co/api/datasets/{repo}")
+    return GatedRepoError(f"403 Client Error. Cannot access gated repo {repo}", response=httpx.Response(403, request=request))
+
+
+def test_gated_dataset_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPQA is gated: datasets' wrapped refusal and a bare GatedRepoError (snapshot path) both
+    become one line naming the repo, the terms page and the token; other errors pass through."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    from pipo.data import records
+    from pipo.data.records import GatedDatasetError
+
+    def refuse(*args, **kwargs):
+        try:
+            raise _gated_refusal("Idavidrein/gpqa")
+        except Exception as exc:
+            raise DatasetNotFoundError("Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub.") from exc
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    with pytest.raises(GatedDatasetError) as info:
+        load_benchmark("gpqa_diamond")
+    message = str(info.value)
+    assert "\n" not in message and "Idavidrein/gpqa is a gated dataset" in message
+    assert "https://huggingface.co/datasets/Idavidrein/gpqa" in message and "HF_TOKEN" in message
+
+    def refuse_snapshot(repo, patterns, revision=None):
+        raise _gated_refusal(repo)
+
+    monkeypatch.setattr(records, "snapshot", refuse_snapshot)
+    with pytest.raises(GatedDatasetError, match="livecodebench/code_generation_lite is a gated dataset"):
+        load_benchmark("livecodebench")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: (_ for _ in ()).throw(ConnectionError("offline")))
+    with pytest.raises(ConnectionError, match="offline"):
+        load_benchmark("aime25")

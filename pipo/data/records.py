@@ -12,6 +12,7 @@ or from a local copy saved in the hub's file layout.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,8 @@ Record = dict[str, Any]
 
 GRADERS: tuple[str, ...] = ("math", "mcq", "code")
 TEST_FORMATS: tuple[str, ...] = ("stdin", "functional")
+CODE_LANGUAGES: tuple[str, ...] = ("python", "cpp")
+INPUT_MODES: tuple[str, ...] = ("stdio", "file")
 LETTERS = "ABCDEFGHIJ"
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -70,16 +73,31 @@ def code_tests(
     *,
     fn_name: str | None = None,
     time_limit_s: float | None = None,
-    memory_mb: int | None = None,
+    memory_limit_mb: int | None = None,
+    language: str = "python",
+    checker: str | None = None,
+    input_mode: str = "stdio",
+    input_file: str | None = None,
+    output_file: str | None = None,
 ) -> dict[str, Any]:
-    """The `tests` block of a code record (what the sandboxed grader runs)."""
+    """The `tests` block of a code record: everything the sandboxed grader needs to judge a program.
+
+    `checker` is a program that judges an output when several are right (Codeforces'
+    `generated_checker`); `input_mode` "file" means the program reads `input_file` and
+    writes `output_file` instead of stdin/stdout.
+    """
     return {
         "format": format,
         "inputs": [str(x) for x in inputs],
         "outputs": [str(x) for x in outputs],
         "fn_name": fn_name,
         "time_limit_s": float(time_limit_s) if time_limit_s is not None else None,
-        "memory_mb": int(memory_mb) if memory_mb is not None else None,
+        "memory_limit_mb": int(memory_limit_mb) if memory_limit_mb is not None else None,
+        "language": language,
+        "checker": checker,
+        "input_mode": input_mode,
+        "input_file": input_file,
+        "output_file": output_file,
     }
 
 
@@ -103,6 +121,11 @@ def validate_record(record: Mapping[str, Any], where: str = "record") -> None:
             raise ValueError(f"{where}: a code record needs 'tests' with format in {TEST_FORMATS}")
         if len(tests.get("inputs", [])) != len(tests.get("outputs", [])):
             raise ValueError(f"{where}: tests.inputs and tests.outputs differ in length")
+        if tests.get("language", "python") not in CODE_LANGUAGES:
+            raise ValueError(f"{where}: tests.language must be one of {CODE_LANGUAGES}, got {tests.get('language')!r}")
+        mode = tests.get("input_mode", "stdio")
+        if mode not in INPUT_MODES or (mode == "file") != bool(tests.get("input_file") and tests.get("output_file")):
+            raise ValueError(f"{where}: tests.input_mode must be 'stdio', or 'file' with input_file and output_file")
 
 
 # ------------------------------------------------------------------------ prompts
@@ -119,22 +142,35 @@ def mcq_prompt(question: str, choices: Sequence[str]) -> str:
     return f"{question.strip()}\n\n" + "\n".join(lines) + f"\n\n{MCQ_INSTRUCTION}"
 
 
-def code_prompt(statement: str, starter_code: str | None = None) -> str:
-    """A code problem's statement plus how to answer: a ```python block, stdin or starter code."""
+_LANGUAGE_NAMES = {"python": ("Python 3", "python"), "cpp": ("C++17", "cpp")}
+
+
+def code_prompt(
+    statement: str,
+    starter_code: str | None = None,
+    *,
+    language: str = "python",
+    input_file: str | None = None,
+    output_file: str | None = None,
+) -> str:
+    """A code problem's statement plus how to answer: one fenced block in `language`, reading
+    stdin (or `input_file`) and writing stdout (or `output_file`), or completing starter code."""
+    name, fence = _LANGUAGE_NAMES[language]
     head = (
-        "You will be given a competitive programming problem. Write a correct Python 3 "
+        f"You will be given a competitive programming problem. Write a correct {name} "
         f"program that solves it and passes all tests.\n\nQuestion: {statement.strip()}\n\n"
     )
     if starter_code and starter_code.strip():
         return head + (
             "Complete the following starter code, keeping its class and function signature, "
-            "and give the whole solution in a single ```python code block:\n"
-            f"```python\n{starter_code.rstrip()}\n```"
+            f"and give the whole solution in a single ```{fence} code block:\n"
+            f"```{fence}\n{starter_code.rstrip()}\n```"
         )
-    return head + (
-        "Read the input from standard input and write the answer to standard output. "
-        "Give the whole program in a single ```python code block."
-    )
+    if input_file and output_file:
+        io = f"Read the input from the file {input_file} and write the answer to the file {output_file}."
+    else:
+        io = "Read the input from standard input and write the answer to standard output."
+    return head + f"{io} Give the whole program in a single ```{fence} code block."
 
 
 # -------------------------------------------------------------------------- seeds
@@ -301,6 +337,38 @@ def _builder_for(files: Sequence[Path]) -> str:
     return builders.pop()
 
 
+class GatedDatasetError(PIPOError):
+    """A gated hub dataset was asked for without a token whose account accepted its terms."""
+
+
+def _refused_as_gated(exc: BaseException) -> bool:
+    """True when the hub refused a gated repo anywhere in the error's chain (datasets wraps
+    huggingface_hub's GatedRepoError in its own DatasetNotFoundError)."""
+    from huggingface_hub.errors import GatedRepoError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, GatedRepoError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def gated_hint(repo: str) -> Iterator[None]:
+    """Turn a gated-repo refusal into one line that says how to get access."""
+    try:
+        yield
+    except Exception as exc:
+        if not _refused_as_gated(exc):
+            raise
+        raise GatedDatasetError(
+            f"{repo} is a gated dataset on the Hugging Face Hub: accept its terms at "
+            f"https://huggingface.co/datasets/{repo} and give a token of that account "
+            "(HF_TOKEN, or `hf auth login` / `huggingface-cli login`)"
+        ) from exc
+
+
 def load_rows(
     spec: HubDataset,
     source: str | Path | None = None,
@@ -310,18 +378,20 @@ def load_rows(
 ) -> Any:
     """Load `spec` as a datasets.Dataset from a hub id (default spec.repo) or a local path.
 
-    A local path may be a snapshot folder in the hub's layout or one data file.
+    A local path may be a snapshot folder in the hub's layout or one data file. A gated
+    hub dataset without access raises GatedDatasetError (one line: what to do).
     """
     import datasets  # heavy import, only when data is actually read
 
     source = spec.repo if source is None else source
     cache = str(cache_dir) if cache_dir is not None else None
-    if not is_local(source) and not spec.script_based:
-        return datasets.load_dataset(
-            str(source), spec.config, split=spec.split, revision=revision, cache_dir=cache
-        )
     if not is_local(source):
-        source = snapshot(str(source), spec.files, revision=revision)
+        with gated_hint(str(source)):
+            if not spec.script_based:
+                return datasets.load_dataset(
+                    str(source), spec.config, split=spec.split, revision=revision, cache_dir=cache
+                )
+            source = snapshot(str(source), spec.files, revision=revision)
     files = local_data_files(Path(source), spec.files)
     return datasets.load_dataset(
         _builder_for(files), data_files=[str(p) for p in files], split="train", cache_dir=cache

@@ -1,7 +1,8 @@
 """Training prompt sources (spec section 7): DAPO-Math-17k and Codeforces verifiable prompts.
 
-Both come out as normalised records (`pipo.data.records`), the input of teacher rollouts.
-DAPO is split by position: the first 90% of rows feed SFT, the last 10% are RL prompts.
+Both come out as normalised records (`pipo.data.records`), the input of teacher rollouts,
+each tagged with its part (`metadata.split`): DAPO by position (the first 90% of rows feed
+SFT, the last 10% are RL prompts), Codeforces by a stable hash of the problem id (90/10).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipo.data.records import (
+    INPUT_MODES,
     HubDataset,
     Record,
     code_prompt,
@@ -21,6 +23,7 @@ from pipo.data.records import (
     make_record,
     math_prompt,
     require,
+    stable_seed,
 )
 
 DAPO_MATH = HubDataset("open-r1/DAPO-Math-17k-Processed", "all", "train", ("all/train-*.parquet",))
@@ -28,8 +31,10 @@ CODEFORCES_PROMPTS = HubDataset(
     "open-r1/codeforces", "verifiable-prompts", "train", ("verifiable-prompts/train-*.parquet",)
 )
 SFT_FRACTION = 0.9
+CODEFORCES_LANGUAGES: tuple[str, ...] = ("python", "cpp")
+CODEFORCES_FILES = ("input.txt", "output.txt")  # what file-input (`input_mode` "file") problems read and write
 
-DapoSplit = Literal["sft", "rl", "all"]
+Split = Literal["sft", "rl", "all"]
 
 # DAPO's own answer-format wrapper around each problem ("... Answer: $Answer ..."); it is
 # replaced by the spec's \boxed{} instruction so training and evaluation prompts agree.
@@ -43,8 +48,10 @@ def dapo_question(prompt: str) -> str:
 
 
 def dapo_record(row: Mapping[str, Any], index: int, where: str) -> Record:
-    """open-r1/DAPO-Math-17k-Processed rows: `prompt`, `solution` (the ground truth answer),
-    `data_source`, `extra_info.index` (assumed to be a unique id; else the row position)."""
+    """open-r1/DAPO-Math-17k-Processed rows: `prompt` (the bare problem, or the original one
+    inside DAPO's "Answer:" wrapper: both give the same question), `solution` (the ground
+    truth answer), `data_source`, `extra_info.index` (a UUID string: the record id; the row
+    position when absent)."""
     extra = row.get("extra_info") or {}
     uid = extra.get("index") if isinstance(extra, Mapping) and extra.get("index") is not None else index
     return make_record(
@@ -57,19 +64,30 @@ def dapo_record(row: Mapping[str, Any], index: int, where: str) -> Record:
     )
 
 
+def _check_fraction(sft_fraction: float) -> None:
+    if not 0.0 < sft_fraction < 1.0:
+        raise ValueError(f"sft_fraction must be in (0, 1), got {sft_fraction}")
+
+
+def _check_split(name: str, split: str, sft_fraction: float) -> None:
+    """One line naming the bad argument, before any data is read."""
+    if split not in ("sft", "rl", "all"):
+        raise ValueError(f"{name} split must be 'sft', 'rl' or 'all', got {split!r}")
+    _check_fraction(sft_fraction)
+
+
 def split_sft_rl(
     records: Sequence[Record], sft_fraction: float = SFT_FRACTION
 ) -> tuple[list[Record], list[Record]]:
     """First `sft_fraction` of the rows (by dataset order) for SFT, the rest for RL prompts."""
-    if not 0.0 < sft_fraction < 1.0:
-        raise ValueError(f"sft_fraction must be in (0, 1), got {sft_fraction}")
+    _check_fraction(sft_fraction)
     cut = math.floor(len(records) * sft_fraction)
     return list(records[:cut]), list(records[cut:])
 
 
 def load_dapo_math(
     source: str | Path | None = None,
-    split: DapoSplit = "all",
+    split: Split = "all",
     *,
     sft_fraction: float = SFT_FRACTION,
     limit: int | None = None,
@@ -81,8 +99,7 @@ def load_dapo_math(
     The split is taken on the full dataset before `limit`, so it never depends on limit;
     each record's metadata carries its split.
     """
-    if split not in ("sft", "rl", "all"):
-        raise ValueError(f"DAPO split must be 'sft', 'rl' or 'all', got {split!r}")
+    _check_split("DAPO", split, sft_fraction)
     records = load_records(
         DAPO_MATH, dapo_record, source, name="dapo_math", revision=revision, cache_dir=cache_dir
     )
@@ -105,60 +122,91 @@ def _statement(row: Mapping[str, Any], where: str) -> str:
     return "\n\n".join(parts)
 
 
-def codeforces_record(
-    row: Mapping[str, Any], index: int, where: str, language: str = "python"
-) -> Record | None:
-    """open-r1/codeforces `verifiable-prompts` rows -> stdin code records.
+def hash_split(key: str, sft_fraction: float = SFT_FRACTION) -> str:
+    """"sft" or "rl" for `key` from a stable hash: the same in every process and whatever
+    the dataset order, so a problem never moves between parts when rows are added."""
+    _check_fraction(sft_fraction)
+    return "sft" if stable_seed("sft-rl-split", key) / 2**64 < sft_fraction else "rl"
 
-    Assumed fields (from the dataset card): id, contest_id, title, description,
-    input_format, output_format, note, examples/official_tests (lists of {input, output}),
-    time_limit (s), memory_limit (MB), interaction_format, input_mode, generated_checker,
-    and `language` (the config holds one prompt per language; rows of other languages
-    are dropped). The statement is rebuilt rather than taking the dataset's `prompt`, so the
-    answer format (one ```python block) matches the project's code grader. Interactive and
-    file-I/O problems are dropped: the grader only runs stdin/stdout programs.
+
+def codeforces_record(
+    row: Mapping[str, Any],
+    index: int,
+    where: str,
+    languages: Sequence[str] = CODEFORCES_LANGUAGES,
+    sft_fraction: float = SFT_FRACTION,
+) -> Record | None:
+    """open-r1/codeforces `verifiable-prompts` rows -> code records graded by running the program.
+
+    Fields (dataset card's features): id, contest_id, title, description, input_format,
+    output_format, note, examples / official_tests (lists of {input, output}), time_limit (s),
+    memory_limit (MB), interaction_format, input_mode ("stdio" or "file"), generated_checker
+    (a Python judge for problems with several right answers), and `language` ("python" or
+    "cpp": one row per problem and language; others are dropped). The statement is rebuilt
+    rather than taking the dataset's `prompt`, so the answer format (one fenced block) is
+    the one the project's grader reads. Interactive problems are dropped: no interactor runs.
+    File-input problems read input.txt and write output.txt (Codeforces' names for them).
+    Both languages of a problem land in the same SFT/RL part (`hash_split` of the problem id).
     """
-    if row.get("language") not in (None, language):
+    language = require(row, "language", where)
+    if language not in languages:
         return None
-    if row.get("interaction_format") or row.get("input_mode") not in (None, "stdio"):
+    if row.get("interaction_format"):
         return None
     tests = row.get("official_tests") or row.get("examples") or []
     if not tests:
         return None
+    mode = row.get("input_mode") or "stdio"
+    if mode not in INPUT_MODES:
+        raise ValueError(f"{where}: field 'input_mode' must be one of {INPUT_MODES}, got {mode!r}")
+    files = CODEFORCES_FILES if mode == "file" else (None, None)
+    problem = str(require(row, "id", where))
     return make_record(
-        id=f"codeforces/{require(row, 'id', where)}",
+        id=f"codeforces/{problem}/{language}",
         benchmark="codeforces",
-        prompt=code_prompt(_statement(row, where)),
+        prompt=code_prompt(_statement(row, where), language=language, input_file=files[0], output_file=files[1]),
         grader="code",
         tests=code_tests(
             "stdin",
             [t["input"] for t in tests],
             [t["output"] for t in tests],
             time_limit_s=row.get("time_limit"),
-            memory_mb=int(row["memory_limit"]) if row.get("memory_limit") else None,
+            memory_limit_mb=int(row["memory_limit"]) if row.get("memory_limit") else None,
+            language=language,
+            checker=row.get("generated_checker") or None,
+            input_mode=mode,
+            input_file=files[0],
+            output_file=files[1],
         ),
         metadata={
+            "problem": problem,
             "title": row.get("title"),
             "contest_id": row.get("contest_id"),
             "rating": row.get("rating"),
-            "checker": row.get("generated_checker"),
+            "split": hash_split(problem, sft_fraction),
         },
     )
 
 
 def load_codeforces_prompts(
     source: str | Path | None = None,
+    split: Split = "all",
     *,
-    language: str = "python",
+    languages: Sequence[str] = CODEFORCES_LANGUAGES,
+    sft_fraction: float = SFT_FRACTION,
     limit: int | None = None,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
 ) -> list[Record]:
-    """Codeforces verifiable prompts as stdin code records (problems with runnable tests)."""
-    return load_records(
-        CODEFORCES_PROMPTS, partial(codeforces_record, language=language), source,
-        name="codeforces", limit=limit, revision=revision, cache_dir=cache_dir,
+    """Codeforces verifiable prompts (Python and C++ rows) as code records of one part:
+    "sft" (about `sft_fraction` of the problems), "rl" (the rest) or "all"."""
+    _check_split("Codeforces", split, sft_fraction)
+    records = load_records(
+        CODEFORCES_PROMPTS, partial(codeforces_record, languages=languages, sft_fraction=sft_fraction),
+        source, name="codeforces", revision=revision, cache_dir=cache_dir,
     )
+    chosen = [r for r in records if split == "all" or r["metadata"]["split"] == split]
+    return chosen if limit is None else chosen[:limit]
 
 
 def load_synthetic_prompts(
@@ -190,7 +238,7 @@ def load_prompt_source(
     if name == "dapo_math":
         return load_dapo_math(source, "all", sft_fraction=sft_fraction, limit=limit)
     if name == "codeforces":
-        return load_codeforces_prompts(source, limit=limit)
+        return load_codeforces_prompts(source, "all", sft_fraction=sft_fraction, limit=limit)
     if name == "synthetic":
         return load_synthetic_prompts(limit, seed=seed, sft_fraction=sft_fraction, task=task)
     raise ValueError(f"unknown prompt dataset {name!r}; known: dapo_math, codeforces, synthetic")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipo.data import synthetic
+from pipo.eval.truncation import TRUNCATION_KEY
 from pipo.data.records import (
     HubDataset,
     Record,
@@ -156,7 +157,12 @@ def _as_date(value: Any, where: str) -> date:
 def lcb_record(
     row: Mapping[str, Any], where: str, seed: int, *, min_date: date = LCB_MIN_DATE
 ) -> Record | None:
-    """livecodebench/code_generation_lite rows; problems before `min_date` are dropped."""
+    """livecodebench/code_generation_lite rows; problems before `min_date` are dropped.
+
+    The cut compares the calendar date of the timestamp as given (LCB's ISO strings carry no
+    time zone, and none is applied): `2025-01-31T18:30:00` falls before a 2025-02-01 window
+    and `2025-02-01T00:00:00` inside it.
+    """
     contest_date = _as_date(require(row, "contest_date", where), where)
     if contest_date < min_date:
         return None
@@ -203,7 +209,9 @@ def longbench_record(row: Mapping[str, Any], where: str, seed: int, *, length: s
     """zai-org/LongBench-v2 rows (data.json); only the `length` subset is kept.
 
     Choices keep the dataset's order (the answer letter is given); the framing of the
-    context follows the official LongBench v2 prompt.
+    context follows the official LongBench v2 prompt. Contexts reach 841K characters, so
+    the record is marked for middle truncation to the evaluated model's prompt budget
+    (`pipo.eval.truncation`, run where the tokenizer is).
     """
     if require(row, "length", where) != length:
         return None
@@ -225,6 +233,7 @@ def longbench_record(row: Mapping[str, Any], where: str, seed: int, *, length: s
             "sub_domain": row.get("sub_domain"),
             "difficulty": row.get("difficulty"),
             "length": row.get("length"),
+            TRUNCATION_KEY: "middle",
         },
     )
 

@@ -12,8 +12,52 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the evaluation sub-commands to the `pipo` parser."""
+    _add_benchmark(subparsers)
     _add_score(subparsers)
     _add_report(subparsers)
+
+
+def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "benchmark", help="load a benchmark into a records JSONL (the input of `pipo generate`)",
+        description="Load a benchmark from the hub or a local copy into normalised records. With "
+                    "--tokenizer, prompts marked for truncation (LongBench v2) are cut in the middle to "
+                    "the prompt budget measured with that tokenizer, as the workflow's generate rule does.",
+    )
+    parser.add_argument("--name", required=True, help="benchmark: aime25, gpqa_diamond, livecodebench, longbench_v2, ...")
+    parser.add_argument("--output", required=True, help="records JSONL, written atomically")
+    parser.add_argument("--source", default=None, help="hub id or local copy in the hub's layout (default: the hub repo)")
+    parser.add_argument("--limit", type=int, default=None, help="keep the first N records")
+    parser.add_argument("--seed", type=int, default=0, help="seed of per-question choice shuffles (default 0)")
+    parser.add_argument("--tokenizer", default=None, help="checkpoint folder or hub id whose tokenizer measures prompts")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="as given to `pipo generate`")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="as given to `pipo generate`")
+    parser.add_argument("--prompt-budget", type=int, default=None,
+                        help="prompt tokens allowed (default: --max-seq-len minus --max-new-tokens)")
+    parser.set_defaults(func=_run_benchmark)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from pipo.data.records import write_jsonl
+    from pipo.errors import PIPOError
+    from pipo.eval.benchmarks import load_benchmark
+    from pipo.eval.truncation import fit_to_model, needs_fitting
+
+    try:
+        records = load_benchmark(args.name, args.source, limit=args.limit, seed=args.seed)
+        if args.tokenizer is not None:
+            limits = {"max_seq_len": args.max_seq_len, "max_new_tokens": args.max_new_tokens,
+                      "prompt_budget": args.prompt_budget}
+            records = fit_to_model(records, args.tokenizer, limits)
+        elif needs_fitting(records):
+            print(f"pipo benchmark: note: {args.name} prompts are kept whole; give --tokenizer to fit them "
+                  "to the model's prompt budget", file=sys.stderr)
+    except (PIPOError, KeyError) as e:
+        print(f"pipo benchmark: error: {e}", file=sys.stderr)
+        return 2
+    write_jsonl(args.output, records)
+    print(f"{len(records)} records -> {args.output}")
+    return 0
 
 
 def _add_score(subparsers: argparse._SubParsersAction) -> None:
