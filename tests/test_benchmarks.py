@@ -195,7 +195,8 @@ def test_pipo_benchmark_cli_fits_longbench_prompts(tmp_path: Path, cache: Path) 
     (record,) = read_records(out)
     assert record["metadata"]["prompt_tokens"]["budget"] == 300 and record["metadata"]["prompt_tokens"]["kept"] <= 300
     assert main(["benchmark", "--name", "longbench_v2", "--source", str(tmp_path / "lb"), "--output", str(out),
-                 "--tokenizer", str(tmp_path / "tok")]) == 2  # no budget and no max-seq-len: an error, no file change
+                 "--tokenizer", str(tmp_path / "tok")]) == 2  # no budget and no max-seq-len: an error
+    assert read_records(out) == [record]  # and the file is left as it was
 
 
 def test_dapo_split_is_disjoint_and_complete(tmp_path: Path, cache: Path) -> None:

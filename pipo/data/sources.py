@@ -123,8 +123,8 @@ def _statement(row: Mapping[str, Any], where: str) -> str:
 
 
 def hash_split(key: str, sft_fraction: float = SFT_FRACTION) -> str:
-    """"sft" or "rl" for `key` from a stable hash: the same in every process and whatever
-    the dataset order, so a problem never moves between parts when rows are added."""
+    """The part ("sft" or "rl") of `key` from a stable hash: the same in every process and
+    whatever the dataset order, so a problem never moves between parts when rows are added."""
     _check_fraction(sft_fraction)
     return "sft" if stable_seed("sft-rl-split", key) / 2**64 < sft_fraction else "rl"
 
