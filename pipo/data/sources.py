@@ -76,6 +76,13 @@ def _check_split(name: str, split: str, sft_fraction: float) -> None:
     _check_fraction(sft_fraction)
 
 
+def _tag_parts(sft: Sequence[Record], rl: Sequence[Record]) -> None:
+    """Record each record's part in `metadata.split` (what `pipo.data.build` reads)."""
+    for part, records_of_part in (("sft", sft), ("rl", rl)):
+        for record in records_of_part:
+            record["metadata"]["split"] = part
+
+
 def split_sft_rl(
     records: Sequence[Record], sft_fraction: float = SFT_FRACTION
 ) -> tuple[list[Record], list[Record]]:
@@ -104,9 +111,7 @@ def load_dapo_math(
         DAPO_MATH, dapo_record, source, name="dapo_math", revision=revision, cache_dir=cache_dir
     )
     sft, rl = split_sft_rl(records, sft_fraction)
-    for part, records_of_part in (("sft", sft), ("rl", rl)):
-        for record in records_of_part:
-            record["metadata"]["split"] = part
+    _tag_parts(sft, rl)
     chosen = {"sft": sft, "rl": rl, "all": sft + rl}[split]
     return chosen if limit is None else chosen[:limit]
 
@@ -219,9 +224,7 @@ def load_synthetic_prompts(
 
     config = synthetic.ArithmeticConfig(**(task or {}))
     sft, rl = split_sft_rl(synthetic.train_records(limit or 1000, seed=seed, config=config), sft_fraction)
-    for part, records_of_part in (("sft", sft), ("rl", rl)):
-        for record in records_of_part:
-            record["metadata"]["split"] = part
+    _tag_parts(sft, rl)
     return sft + rl
 
 
