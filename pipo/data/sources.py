@@ -208,7 +208,7 @@ def load_codeforces_prompts(
     _check_split("Codeforces", split, sft_fraction)
     records = load_records(
         CODEFORCES_PROMPTS, partial(codeforces_record, languages=languages, sft_fraction=sft_fraction),
-        source, name="codeforces", revision=revision, cache_dir=cache_dir,
+        source, name="codeforces", limit=limit if split == "all" else None, revision=revision, cache_dir=cache_dir,
     )
     chosen = [r for r in records if split == "all" or r["metadata"]["split"] == split]
     return chosen if limit is None else chosen[:limit]

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipo.data import synthetic
-from pipo.eval.truncation import TRUNCATION_KEY
 from pipo.data.records import (
     HubDataset,
     Record,
@@ -32,6 +31,7 @@ from pipo.data.records import (
     shuffled_choices,
     require,
 )
+from pipo.eval.truncation import TRUNCATION_KEY
 
 AIME25 = HubDataset("math-ai/aime25", None, "test", ("test.jsonl",))
 GPQA_DIAMOND = HubDataset("Idavidrein/gpqa", "gpqa_diamond", "train", ("gpqa_diamond.csv",))
