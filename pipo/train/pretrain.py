@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from pipo.data import synthetic
 from pipo.errors import PIPOError
+from pipo.model.linear_attention import route_gated_delta_rule
 
 LossLogger = Callable[[int, float], None]
 
@@ -102,6 +103,7 @@ def lr_factor(step: int, config: PretrainConfig) -> float:
 def train(model: torch.nn.Module, data: list[tuple[list[int], int]], pad_id: int, config: PretrainConfig,
           log: LossLogger | None = None) -> list[float]:
     """The training loop; returns the loss of every step (reshuffling the data each epoch)."""
+    route_gated_delta_rule()
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))

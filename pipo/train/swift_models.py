@@ -17,6 +17,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from pipo.model import backbones
 from pipo.model.config import PIPOConfig
+from pipo.model.linear_attention import route_gated_delta_rule
 from pipo.model.conversion import checkpoint_text_config
 from pipo.model.modeling import is_pipo_checkpoint
 from pipo.train.merge import load_pipo_base
@@ -53,6 +54,7 @@ class PIPOModelLoader(ModelLoader):
         return processor
 
     def get_model(self, model_dir: str, config: PretrainedConfig, processor, model_kwargs: dict[str, Any]) -> PreTrainedModel:
+        route_gated_delta_rule()  # the student trains: its linear attention needs a working backward
         dtype = model_kwargs.get("dtype", model_kwargs.get("torch_dtype"))
         settings = TrainSettings(compressor_type=config.compressor_type)
         model = load_pipo_base(model_dir, settings, None if dtype == "auto" else dtype)

@@ -1,0 +1,78 @@
+"""Which gated-delta-rule implementation training picks for which versions and GPUs, and the router it installs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipo.errors import PIPOError
+from pipo.model import linear_attention as la
+
+HOPPER, AMPERE, BLACKWELL = (9, 0), (8, 0), (10, 0)
+
+
+@pytest.mark.parametrize(
+    ("fla", "triton", "capability", "tilelang", "expected"),
+    [
+        ("0.6.0", "3.6.0", None, False, la.TORCH),  # no GPU
+        (None, "3.6.0", HOPPER, False, la.TORCH),  # fla not installed
+        ("0.6.0", None, HOPPER, False, la.TORCH),  # no Triton
+        ("0.6.0", "3.6.0", HOPPER, False, la.TORCH_FOR_GRADIENTS),  # torch 2.11's Triton on H100/H200: fla refuses
+        ("0.6.0", "3.4.0", HOPPER, False, la.TORCH_FOR_GRADIENTS),  # first broken Triton
+        ("0.6.0", "3.7.0", HOPPER, False, la.TORCH_FOR_GRADIENTS),  # last broken Triton
+        ("0.6.0", "3.6.0", HOPPER, True, la.FLA_TILELANG),  # TileLang takes the kernel over
+        ("0.5.0", "3.6.0", HOPPER, True, la.TORCH_FOR_GRADIENTS),  # fla without the TileLang backend
+        ("0.6.0", "3.7.1", HOPPER, False, la.FLA),  # fixed Triton
+        ("0.6.0", "3.3.1", HOPPER, False, la.FLA),  # before the regression
+        ("0.6.0", "3.6.0", AMPERE, False, la.FLA),  # only Hopper is affected
+        ("0.6.0", "3.6.0", BLACKWELL, False, la.FLA),
+    ],
+)
+def test_backend_selection(fla, triton, capability, tilelang, expected):
+    backend = la.select_gated_delta_backend(fla, triton, capability, tilelang)
+    assert backend.name == expected
+    assert backend.reason
+    if expected == la.TORCH_FOR_GRADIENTS:
+        assert "tilelang" in backend.reason and "3.7.1" in backend.reason  # says what to install for speed
+
+
+def _recorder(name: str, calls: list[str]):
+    def implementation(query, key, value, g, beta, **kwargs):
+        calls.append(name)
+        return query * 2, None
+
+    return implementation
+
+
+def test_router_sends_gradient_calls_to_the_reference_and_the_rest_to_fla():
+    calls: list[str] = []
+    route = la.gradient_router(_recorder("fla", calls), _recorder("reference", calls))
+    q = torch.ones(1, 2, 1, 4, requires_grad=True)
+    route(q, q, q, q, q)
+    with torch.no_grad():
+        route(q, q, q, q, q)
+    frozen = q.detach()
+    route(frozen, frozen, frozen, frozen, frozen)
+    assert calls == ["reference", "fla", "fla"]
+    with pytest.raises(PIPOError, match="cu_seqlens"):
+        route(q, q, q, q, q, cu_seqlens=torch.tensor([0, 2]))
+
+
+def test_route_rebinds_qwen3_5_once_with_a_warning(monkeypatch, backbone_dir):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    broken = la.GatedDeltaBackend(la.TORCH_FOR_GRADIENTS, "test: fla's backward is unusable")
+    monkeypatch.setattr(la, "current_gated_delta_backend", lambda: broken)
+    original = modeling_qwen3_5.torch_chunk_gated_delta_rule
+    monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule", original)
+    model = AutoModelForCausalLM.from_pretrained(str(backbone_dir("qwen3_5")))
+    ids = torch.randint(0, 300, (1, 24))
+    expected = torch.autograd.grad(model(ids, labels=ids).loss, model.lm_head.weight)[0]
+    with pytest.warns(UserWarning, match="unusable"):
+        assert la.route_gated_delta_rule() == broken
+    routed = modeling_qwen3_5.torch_chunk_gated_delta_rule
+    assert routed is not original and routed.pipo_routed
+    la.route_gated_delta_rule()
+    assert modeling_qwen3_5.torch_chunk_gated_delta_rule is routed  # not wrapped twice
+    got = torch.autograd.grad(model(ids, labels=ids).loss, model.lm_head.weight)[0]
+    torch.testing.assert_close(got, expected)
