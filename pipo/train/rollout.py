@@ -7,9 +7,12 @@ that is being trained (`pipo.engine` offers neither, see `engine_rollouts`):
 
 - the engine casts and moves the parts it is handed to one dtype and device *in place*;
   a trainer's model may hold fp32 LoRA weights on a bf16 base (PEFT's autocast) and fp32
-  rotary buffers, so every parameter, gradient and buffer is put back exactly as it was;
-- the engine is built per rollout batch without CUDA graphs: graphs would capture the
-  temporarily cast weights.
+  rotary buffers (DeepSpeed keeps buffers in fp32), so every parameter, gradient and
+  buffer is put back exactly as it was;
+- the engine is built per rollout batch and decodes *before* that restore: its CUDA
+  graphs (on by default on GPU) capture the cast tensors, which must stay bound and
+  alive while the graphs replay. Where nothing needed a cast (a bf16 DeepSpeed model's
+  parameters), the cast tensors are the training tensors themselves and cost no memory.
 
 The reference loop (`pipo.model.reference`, one prompt at a time) remains for a model
 spread over several devices: the engine would move it onto one device.
@@ -96,11 +99,10 @@ def engine_rollouts(
             max_batch_size=len(prompts),
             max_seq_len=longest + 2 * max_new_tokens,
             conf_threshold=conf_threshold,
-            cuda_graphs=False,
             eos_token_ids=eos_token_ids,
             prefix_cache_size=0,
         )
-    completions = engine.generate([list(p) for p in prompts], params, max_new_tokens=max_new_tokens, seed=seed)
+        completions = engine.generate([list(p) for p in prompts], params, max_new_tokens=max_new_tokens, seed=seed)
     return [Rollout(c.token_ids, c.raw_ids, c.finish_reason == "eos") for (c,) in completions]
 
 

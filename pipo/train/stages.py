@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -207,6 +208,9 @@ def run_swift(command: str, argv: list[str], nproc_per_node: int = 1) -> None:
         env = {**os.environ, **tracking_env(), "NPROC_PER_NODE": str(nproc_per_node)}
         subprocess.run([sys.executable, "-m", "swift.cli.main", command, *argv], env=env, check=True)
         return
+    if on_gpu():
+        for key, value in single_process_env().items():
+            os.environ.setdefault(key, value)
     if command == "sft":
         from swift.pipelines import sft_main
 
@@ -217,6 +221,15 @@ def run_swift(command: str, argv: list[str], nproc_per_node: int = 1) -> None:
         rlhf_main(argv)
     else:
         raise PIPOError(f"unknown ms-swift command {command!r}")
+
+
+def single_process_env() -> dict[str, str]:
+    """Rendezvous variables of a one-process group. DeepSpeed needs torch.distributed even on one GPU;
+    torchrun sets these, a plain `pipo sft` on one GPU has none (a launcher's own values are kept)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
 
 
 def _resumable(output_dir: str, argv: list[str]) -> tuple[Path | None, list[str]]:
