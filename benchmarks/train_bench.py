@@ -18,6 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
 
 from pipo.model.config import PIPOConfig
+from pipo.model.linear_attention import route_gated_delta_rule
 from pipo.model.modeling import PIPOForCausalLM
 from pipo.train.merge import peft_ready
 from pipo.train.opd import compact_pads, opd_losses
@@ -115,7 +116,8 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2, help="the first run includes warm-up (kernel compilation)")
     args = parser.parse_args()
-    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
+    backend = route_gated_delta_rule()  # as the trainers do: a working gated-delta-rule backward
+    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "gated_delta_backend": backend.name}), flush=True)
     model, optimizer = student()
     if "sft" in args.steps:
         batch = rollout_batch(args.tokens, min(1024, args.tokens // 4 // 2 * 2), 0.0, torch.Generator().manual_seed(0))

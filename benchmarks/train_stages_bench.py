@@ -250,14 +250,17 @@ def small(work: Path, args, results: dict[str, Any]) -> None:
     rl_rows = write_rows(work / "rl.jsonl", tokenizer, args.opd_steps * args.batch, args.prompt_tokens, 0, 1)
     common = {"model_type": "pipo_qwen3_5", "warmup_ratio": 0.0, "gradient_accumulation_steps": 1, "logging_steps": 1,
               "per_device_batch_size": args.batch, "save_steps": 10**6, "num_train_epochs": 1.0}
-    sft = run_stage("sft", lambda: run_sft({**common, "model": str(student), "dataset": str(sft_rows),
-                                            "output_dir": str(work / "sft"), "max_steps": args.sft_steps,
-                                            "max_length": 2 * (args.prompt_tokens + args.answer_tokens) + 256}), results)
-    if sft is None:
-        return
-    merged = run_stage("merge_sft", lambda: run_merge(str(sft), str(work / "pipo-sft")), results)
-    if merged is None:
-        return
+    if args.opd_only:  # OPD from the backbone, converted by the plugin's loader as SFT would
+        merged = student
+    else:
+        sft = run_stage("sft", lambda: run_sft({**common, "model": str(student), "dataset": str(sft_rows),
+                                                "output_dir": str(work / "sft"), "max_steps": args.sft_steps,
+                                                "max_length": 2 * (args.prompt_tokens + args.answer_tokens) + 256}), results)
+        if sft is None:
+            return
+        merged = run_stage("merge_sft", lambda: run_merge(str(sft), str(work / "pipo-sft")), results)
+        if merged is None:
+            return
     opd = run_stage("opd", lambda: run_opd({**common, "model": str(merged), "teacher": str(teacher), "dataset": str(rl_rows),
                                             "output_dir": str(work / "opd"), "max_steps": args.opd_steps,
                                             "max_length": 4 * args.prompt_tokens + 256,
@@ -302,6 +305,7 @@ def main() -> None:
     parser.add_argument("--opd-steps", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--answer-tokens", type=int, default=768)
+    parser.add_argument("--opd-only", action="store_true", help="small: skip SFT, run OPD (and merge) from the backbone")
     parser.add_argument("--completion-tokens", type=int, default=256, help="small: OPD max_completion_length")
     parser.add_argument("--conf-threshold", type=float, default=0.95, help="OPD rollouts (< 0 keeps every draft)")
     parser.add_argument("--tokens", type=int, default=16384, help="4b: tokens of the SFT and the OPD step")

@@ -49,9 +49,9 @@ def probabilities(logits: torch.Tensor, params: SamplingParams, banned: torch.Te
 
     Greedy returns a one-hot of the argmax, so greedy and sampled paths share one code path.
     """
-    logits = logits.float().clone()
-    if banned is not None:
-        logits[:, banned] = float("-inf")
+    logits = logits.float()
+    if banned is not None:  # index_fill, not `logits[:, banned] = ...`: that copies a CPU scalar, which CUDA graph capture refuses
+        logits = logits.index_fill(-1, banned.to(logits.device), float("-inf"))
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits / params.temperature
