@@ -83,7 +83,8 @@ def write_backbone(path: Path, shape: Shape, seed: int) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return path
 
 
@@ -204,7 +205,7 @@ def run_stage(name: str, call: Callable[[], Any], results: dict[str, Any]) -> An
     except Exception as error:  # a failed stage is a result too; the next ones still run
         entry.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000], traceback=traceback.format_exc()[-4000:])
     entry["wall_seconds"] = round(time.perf_counter() - start, 2)
-    entry.update({k: v for k, v in vars(meter).items()})
+    entry.update(vars(meter))
     if meter.train_seconds:
         entry["train_tokens_per_s"] = round(meter.trained_tokens / meter.train_seconds, 1)
     if meter.rollout_calls:
