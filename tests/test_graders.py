@@ -5,7 +5,21 @@ import json
 
 import pytest
 
+from tests.fixtures_code import (
+    CPP_SOLUTIONS,
+    FILE_CPP_RIGHT,
+    FILE_RIGHT,
+    FILE_STDOUT_ONLY,
+    FILE_TESTS,
+    SPLIT_CPP_RIGHT,
+    SPLIT_RIGHT_OTHER_ANSWER,
+    SPLIT_TESTS,
+    SPLIT_WRONG,
+    SUM_TESTS,
+    fenced,
+)
 from pipo.eval.graders import (
+    Verdict,
     answer_region,
     extract_boxed,
     extract_choice,
@@ -205,3 +219,50 @@ def test_grader_registry_and_record_dispatch():
               "completions": [r"\boxed{4}", r"\boxed{5}"]}
     assert [r.correct for r in grade_record(record)] == [True, False]
     json.dumps([r.__dict__ for r in grade_record(record)])  # results are JSON-friendly
+
+
+def test_extract_code_by_language():
+    text = "```python\nprint(1)\n```\n```cpp\nint main(){}\n```"
+    assert extract_code(text, "cpp") == "int main(){}\n"
+    assert extract_code(text) == "print(1)\n"
+
+
+# --- checkers, C++, file input (open-r1/codeforces) -------------------------------------
+
+def test_checker_accepts_any_right_answer_and_rejects_a_wrong_one():
+    right = grade_code(SPLIT_RIGHT_OTHER_ANSWER, SPLIT_TESTS, FAST)
+    assert right.correct and right.verdicts == ("accepted",) * 3, right
+    wrong = grade_code(SPLIT_WRONG, SPLIT_TESTS, FAST)
+    assert not wrong.correct and wrong.reason == "wrong answer (checker) on test 1/3", wrong
+    assert grade_code(SPLIT_CPP_RIGHT, {**SPLIT_TESTS, "language": "cpp"}, FAST).correct
+
+
+def test_broken_checker_is_a_checker_error_not_a_wrong_answer():
+    broken = {**SPLIT_TESTS, "checker": "print('maybe')"}
+    result = grade_code(SPLIT_RIGHT_OTHER_ANSWER, broken, FAST)
+    assert not result.correct and result.verdicts == ("checker_error",), result
+    assert "not a score" in result.reason
+
+
+@pytest.mark.parametrize("verdict", sorted(CPP_SOLUTIONS))
+def test_cpp_verdicts(verdict):
+    result = grade_code(fenced(CPP_SOLUTIONS[verdict], "cpp"), SUM_TESTS, FAST)
+    assert result.correct == (verdict == "accepted"), result
+    expected_last = {"accepted": "accepted", "wrong_answer": "wrong_answer", "time_limit": "time_limit",
+                     "compile_error": "compile_error", "memory_limit": "memory_limit",
+                     "runtime_error": "runtime_error"}[verdict]
+    assert result.verdicts[-1] == expected_last, result
+    if verdict == "wrong_answer":  # int overflow: right on test 1, wrong on test 2
+        assert result.verdicts == ("accepted", "wrong_answer") and result.reason.endswith("test 2/2")
+    if verdict == "compile_error":
+        assert "undeclared" in result.reason and result.reason.startswith("compile error: ")
+    assert all(v in {x.value for x in Verdict} for v in result.verdicts)
+
+
+def test_file_input_problem():
+    assert grade_code(FILE_RIGHT, FILE_TESTS, FAST).verdicts == ("accepted", "accepted")
+    assert grade_code(FILE_CPP_RIGHT, {**FILE_TESTS, "language": "cpp"}, FAST).correct
+    stdout_only = grade_code(FILE_STDOUT_ONLY, FILE_TESTS, FAST)
+    assert not stdout_only.correct and stdout_only.reason == "wrong answer (output.txt not written) on test 1/2"
+    bad = grade_code(FILE_RIGHT, {**FILE_TESTS, "input_file": "../input.txt"}, FAST)
+    assert bad.reason.startswith("bad tests: file names")

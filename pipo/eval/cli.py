@@ -72,6 +72,9 @@ def _add_score(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--k", type=int, default=4, help="k of avg@k / pass@k (default 4)")
     parser.add_argument("--workers", type=int, default=1, help="grading processes (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--unsafe-no-sandbox", action="store_true",
+                        help="if bubblewrap cannot isolate model-written code, run it anyway WITHOUT a "
+                             "sandbox (it can then read and change your files); recorded in the metrics")
     parser.add_argument("--model-label", default=None, help="model name for the results table (default: from the rows)")
     parser.add_argument("--method-label", default=None,
                         help="method name for the results table, e.g. pipo-sft (default: from the rows)")
@@ -79,16 +82,22 @@ def _add_score(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from pipo.eval.scoring import RecordError, score_generations  # heavy imports only when used
+    from pipo.eval.sandbox import SandboxConfig, SandboxUnavailable  # heavy imports only when used
+    from pipo.eval.scoring import RecordError, score_generations
 
+    sandbox = SandboxConfig(unsafe_no_sandbox=args.unsafe_no_sandbox)
+    if args.unsafe_no_sandbox:
+        print("pipo score: WARNING: --unsafe-no-sandbox: if bubblewrap does not work, model-written code "
+              "runs WITHOUT isolation", file=sys.stderr)
     try:
         metrics = score_generations(args.generations, args.scores, args.metrics, k=args.k,
-                                    workers=args.workers, progress=not args.no_progress,
+                                    workers=args.workers, sandbox=sandbox, progress=not args.no_progress,
                                     model_label=args.model_label, method_label=args.method_label)
-    except RecordError as e:
+    except (RecordError, SandboxUnavailable) as e:
         print(f"pipo score: error: {e} (rows scored so far are kept in {args.scores})", file=sys.stderr)
         return 2
-    print(json.dumps({"overall": metrics["overall"], "num_problems": metrics["num_problems"]}, indent=2))
+    print(json.dumps({"overall": metrics["overall"], "num_problems": metrics["num_problems"],
+                      "code_sandbox": metrics["code_sandbox"]}, indent=2))
     return 0
 
 

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import logging
 import math
 import re
 import signal
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pipo.data.records import GRADERS
-from pipo.eval.sandbox import SandboxConfig, Status, run_python
+from pipo.eval.sandbox import SandboxConfig, Status, run_program, run_python
 
 
 # Which grader a benchmark uses unless its record says otherwise (metadata["grader"]).
@@ -36,6 +37,9 @@ BENCHMARK_GRADERS: dict[str, str] = {
 
 DEFAULT_MATH_TIMEOUT_S = 10.0
 DEFAULT_CODE_TIME_LIMIT_S = 6.0  # LiveCodeBench's per-test limit
+CHECKER_TIME_LIMIT_S = 10.0
+CPP_COMPILE_LIMITS = {"cpu_s": 30.0, "wall_s": 60.0, "memory_mb": 2048, "output_bytes": 64 << 20,
+                      "file_bytes": 64 << 20, "tmpfs_mb": 256}
 _FALLBACK_TAIL_CHARS = 2000  # no box: look for an answer near the end only
 
 
@@ -46,6 +50,7 @@ class GradeResult:
     correct: bool
     reason: str
     extracted: str | None = None
+    verdicts: tuple[str, ...] = ()  # code: one Verdict value per test run
 
 
 def grader_for(benchmark: str, metadata: Mapping[str, Any] | None = None) -> str:
@@ -103,12 +108,14 @@ def extract_boxed(text: str) -> str | None:
 
 
 _FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_FENCE_TAGS = {"python": ("python", "py", "python3"), "cpp": ("cpp", "c++", "cc", "cxx")}
 
 
-def extract_code(text: str) -> str | None:
-    """The last fenced Python block of the answer (an untagged block if none is tagged)."""
+def extract_code(text: str, language: str = "python") -> str | None:
+    """The last fenced block of the answer in ``language`` (``python`` or ``cpp``), or the
+    last untagged block if none is tagged."""
     blocks = _FENCE_RE.findall(answer_region(text))
-    tagged = [body for tag, body in blocks if tag.lower() in ("python", "py", "python3")]
+    tagged = [body for tag, body in blocks if tag.lower() in _FENCE_TAGS[language]]
     untagged = [body for tag, body in blocks if not tag]
     chosen = tagged or untagged
     return chosen[-1] if chosen else None
@@ -327,57 +334,161 @@ def json_output_matches(got: str, want: str) -> bool:
         return False
 
 
-def _sandbox_for(tests: Mapping[str, Any], base: SandboxConfig) -> SandboxConfig:
-    """Per-problem limits. Memory is never set below ``base``: RLIMIT_AS counts virtual
-    memory, which for Python is far above the resident size that judges measure."""
+class Verdict(str, enum.Enum):
+    """Per-test outcome, as judges report it."""
+
+    ACCEPTED = "accepted"
+    WRONG_ANSWER = "wrong_answer"
+    TIME_LIMIT = "time_limit"
+    MEMORY_LIMIT = "memory_limit"
+    RUNTIME_ERROR = "runtime_error"
+    OUTPUT_LIMIT = "output_limit"
+    COMPILE_ERROR = "compile_error"
+    CHECKER_ERROR = "checker_error"
+
+
+_STATUS_VERDICTS = {
+    Status.TIMEOUT: (Verdict.TIME_LIMIT, "time limit exceeded"),
+    Status.MEMORY: (Verdict.MEMORY_LIMIT, "memory limit exceeded"),
+    Status.OUTPUT_LIMIT: (Verdict.OUTPUT_LIMIT, "output limit exceeded"),
+    Status.KILLED: (Verdict.RUNTIME_ERROR, "killed by a signal"),
+}
+
+CHECKER_FILES = ("input.txt", "correct_output.txt", "solution_output.txt")
+
+
+@dataclass(frozen=True)
+class _Program:
+    """What runs per test: a command and the files it needs in its working directory."""
+
+    argv: tuple[str, ...]
+    files: Mapping[str, str | bytes]
+
+
+def _failure(status: Status, stderr: str) -> tuple[Verdict, str]:
+    if status is Status.RUNTIME_ERROR:
+        last = stderr.strip().splitlines()[-1:] or ["nonzero exit"]
+        return Verdict.RUNTIME_ERROR, "runtime error: " + last[0][:200]
+    return _STATUS_VERDICTS[status]
+
+
+def _sandbox_for(tests: Mapping[str, Any], base: SandboxConfig, language: str) -> SandboxConfig:
+    """Per-problem limits. For Python, memory is never set below ``base``: RLIMIT_AS counts
+    virtual memory, far above the resident size that judges measure; for C++ the address
+    space is close to it, so the problem's limit applies as given."""
     cpu = tests.get("time_limit_s") or DEFAULT_CODE_TIME_LIMIT_S
-    memory = max(int(tests.get("memory_mb") or 0), base.memory_mb)
+    # `memory_mb` is the key of generation files written before `memory_limit_mb`.
+    problem_mb = int(tests.get("memory_limit_mb") or tests.get("memory_mb") or 0)
+    memory = (problem_mb or base.memory_mb) if language == "cpp" else max(problem_mb, base.memory_mb)
     return dataclasses.replace(base, cpu_s=float(cpu), wall_s=None, memory_mb=memory)
 
 
-_STATUS_REASONS = {
-    Status.TIMEOUT: "time limit exceeded",
-    Status.MEMORY: "memory limit exceeded",
-    Status.OUTPUT_LIMIT: "output limit exceeded",
-    Status.KILLED: "killed by a signal",
-}
+def compile_cpp(source: str, sandbox: SandboxConfig | None = None) -> tuple[bytes | None, str]:
+    """Compile with ``g++ -O2 -std=c++17`` inside the sandbox (a hostile source is contained
+    like a hostile program). Returns the executable, or None and the first error line."""
+    config = dataclasses.replace(sandbox or SandboxConfig(), **CPP_COMPILE_LIMITS)
+    run = run_program(["g++", "-O2", "-std=c++17", "-o", "main", "main.cpp"], "", config,
+                      files={"main.cpp": source}, collect="main")
+    if run.ok and run.collected:
+        return run.collected, ""
+    if run.status is not Status.RUNTIME_ERROR:
+        return None, "compiler " + _failure(run.status, run.stderr)[1]
+    lines = run.stderr.strip().splitlines()
+    errors = [line for line in lines if "error" in line] or lines[-1:] or ["nonzero exit"]
+    return None, errors[0][:200]
 
 
-def _failure_reason(status: Status, stderr: str) -> str:
-    if status is Status.RUNTIME_ERROR:
-        last = stderr.strip().splitlines()[-1:] or ["nonzero exit"]
-        return "runtime error: " + last[0][:200]
-    return _STATUS_REASONS[status]
+def _check_with_checker(checker: str, given: str, want: str, got: str,
+                        base: SandboxConfig) -> tuple[Verdict, str]:
+    """Run the problem's checker (``python checker.py input.txt correct_output.txt
+    solution_output.txt``, open-r1/codeforces) in its own sandbox with its own time limit.
+    It prints a score; full marks (>= 1) is accepted (Codeforces checkers are all or nothing,
+    on a 0-1 or 0-100 scale)."""
+    config = dataclasses.replace(base, cpu_s=CHECKER_TIME_LIMIT_S, wall_s=None)
+    run = run_python(checker, "", config, files=dict(zip(CHECKER_FILES, (given, want, got))),
+                     args=CHECKER_FILES)
+    if not run.ok:
+        return Verdict.CHECKER_ERROR, f"checker failed ({_failure(run.status, run.stderr)[1]})"
+    try:
+        score = float(run.stdout.split()[0])
+    except (IndexError, ValueError):
+        return Verdict.CHECKER_ERROR, f"checker printed {run.stdout.strip()[:80]!r}, not a score"
+    return (Verdict.ACCEPTED, "") if score >= 1 else (Verdict.WRONG_ANSWER, "wrong answer (checker)")
+
+
+def _judge_test(program: _Program, given: str, want: str, tests: Mapping[str, Any],
+                config: SandboxConfig, matches: Callable[[str, str], bool]) -> tuple[Verdict, str]:
+    """Run one test in a fresh sandbox and judge its output (outside the program's sandbox)."""
+    files, stdin, collect = dict(program.files), given, None
+    if tests.get("input_mode") == "file":
+        files[tests["input_file"]], stdin, collect = given, "", tests["output_file"]
+    run = run_program(program.argv, stdin, config, files=files, collect=collect)
+    if not run.ok:
+        return _failure(run.status, run.stderr)
+    if collect is not None and run.collected is None:
+        return Verdict.WRONG_ANSWER, f"wrong answer ({collect} not written)"
+    got = run.stdout if collect is None else run.collected.decode("utf-8", errors="replace")
+    if tests.get("checker"):
+        return _check_with_checker(tests["checker"], given, want, got, config)
+    return (Verdict.ACCEPTED, "") if matches(got, want) else (Verdict.WRONG_ANSWER, "wrong answer")
+
+
+def _tests_problem(tests: Mapping[str, Any], language: str) -> str | None:
+    """Why ``tests`` cannot be run (None: they can)."""
+    inputs, outputs = tests.get("inputs") or [], tests.get("outputs") or []
+    if not inputs or len(inputs) != len(outputs):
+        return f"bad tests: {len(inputs)} inputs, {len(outputs)} outputs"
+    if language not in _FENCE_TAGS:
+        return f"unsupported language {language!r}"
+    if tests.get("input_mode", "stdio") not in ("stdio", "file"):
+        return f"unsupported input mode {tests.get('input_mode')!r}"
+    if tests.get("input_mode") == "file":
+        names = (tests.get("input_file"), tests.get("output_file"))
+        if not all(isinstance(n, str) and n and "/" not in n and n not in CHECKER_FILES[1:] for n in names):
+            return f"bad tests: file names {names!r}"
+    if tests.get("format") == "functional" and (language != "python" or not tests.get("fn_name")):
+        return "functional tests need python and fn_name"
+    if tests.get("format") not in ("stdin", "functional"):
+        return f"unsupported tests format {tests.get('format')!r}"
+    return None
 
 
 def grade_code(completion: str, tests: Mapping[str, Any], sandbox: SandboxConfig | None = None) -> GradeResult:
-    """Run the last fenced Python block on every test (stopping at the first failure).
+    """Run the last fenced block in the problem's language on every test, stopping at the
+    first failure; ``verdicts`` holds one :class:`Verdict` per test run.
 
-    ``tests["format"]`` is ``"stdin"`` (compare stdout) or ``"functional"`` (call
-    ``fn_name`` with JSON arguments, compare JSON). Inputs go in through a pipe.
+    ``tests``: ``format`` ``"stdin"`` (compare stdout) or ``"functional"`` (call ``fn_name``
+    with JSON arguments, compare JSON); ``language`` ``python`` (default) or ``cpp``
+    (compiled once); ``checker`` (judges outputs when several are right); ``input_mode``
+    ``"file"`` with ``input_file`` / ``output_file`` instead of stdin/stdout.
     """
-    code = extract_code(completion)
+    language = tests.get("language") or "python"
+    problem = _tests_problem(tests, language)
+    if problem is not None:
+        return GradeResult(False, problem)
+    code = extract_code(completion, language)
     if code is None:
-        return GradeResult(False, "no python code block")
-    inputs, outputs = list(tests.get("inputs") or []), list(tests.get("outputs") or [])
-    if not inputs or len(inputs) != len(outputs):
-        return GradeResult(False, f"bad tests: {len(inputs)} inputs, {len(outputs)} outputs")
-    fmt = tests.get("format")
-    if fmt == "stdin":
-        program, matches = _stdin_program(code), stdout_matches
-    elif fmt == "functional" and tests.get("fn_name"):
-        program, matches = _functional_program(code, str(tests["fn_name"])), json_output_matches
+        return GradeResult(False, f"no {language} code block")
+    base = sandbox or SandboxConfig()
+    if language == "cpp":
+        binary, error = compile_cpp(code, base)
+        if binary is None:
+            return GradeResult(False, "compile error: " + error, code, (Verdict.COMPILE_ERROR.value,))
+        program = _Program(("./main",), {"main": binary})
+    elif tests["format"] == "functional":
+        program = _Program((base.python, "-I", "main.py"),
+                           {"main.py": _functional_program(code, str(tests["fn_name"]))})
     else:
-        return GradeResult(False, f"unsupported tests format {fmt!r}")
-    config = _sandbox_for(tests, sandbox or SandboxConfig())
+        program = _Program((base.python, "-I", "main.py"), {"main.py": _stdin_program(code)})
+    matches = json_output_matches if tests["format"] == "functional" else stdout_matches
+    config = _sandbox_for(tests, base, language)
+    inputs, outputs, verdicts = list(tests["inputs"]), list(tests["outputs"]), []
     for i, (given, want) in enumerate(zip(inputs, outputs), start=1):
-        run = run_python(program, given, config)
-        where = f" on test {i}/{len(inputs)}"
-        if not run.ok:
-            return GradeResult(False, _failure_reason(run.status, run.stderr) + where, code)
-        if not matches(run.stdout, want):
-            return GradeResult(False, "wrong answer" + where, code)
-    return GradeResult(True, f"passed {len(inputs)} tests", code)
+        verdict, detail = _judge_test(program, str(given), str(want), tests, config, matches)
+        verdicts.append(verdict.value)
+        if verdict is not Verdict.ACCEPTED:
+            return GradeResult(False, f"{detail} on test {i}/{len(inputs)}", code, tuple(verdicts))
+    return GradeResult(True, f"passed {len(inputs)} tests", code, tuple(verdicts))
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,27 +1,40 @@
-"""Run untrusted Python (model-written programs) with hard limits.
+"""Run untrusted programs (model-written Python and C++, problem checkers) in a bubblewrap sandbox.
 
-Layers, strongest first, each used when the machine allows it (detected at run time):
+Every run gets its own sandbox (``bwrap``) with new user, PID, network, IPC, mount, UTS
+and cgroup namespaces:
 
-1. kernel limits set before exec: ``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``,
-   ``RLIMIT_NPROC``, ``RLIMIT_NOFILE``, no core dumps; a new session (process group)
-   killed as a whole at the wall-clock deadline and after every run;
-2. ``unshare -n``: an empty network namespace; when running as root the program also
-   drops to ``nobody`` (so ``RLIMIT_NPROC`` is enforced and file permissions apply);
-3. a Python preamble (defence in depth, bypassable by a determined program): no
-   fork/exec/kill, no ``ctypes``, sockets cannot connect/bind/send, files can only be
-   written inside the run's directory and read there or under the interpreter's
-   prefixes;
-4. ``python -I`` with a minimal environment whose HOME/TMPDIR point into a fresh
-   temporary directory that is deleted afterwards.
+- an unprivileged uid: as root the grader drops to ``nobody`` *before* starting bwrap, so
+  the sandbox's user namespace maps to an unprivileged host uid (``RLIMIT_NPROC`` binds,
+  file permissions apply); as any other user, bwrap maps to that user;
+- a read-only view of ``/usr`` only (interpreter and toolchain: ``/usr/bin/python3``,
+  ``g++``); no home, no project, no results, no host ``/proc`` (a fresh one for the new PID
+  namespace), a minimal ``/dev``, an empty network namespace (loopback only);
+- private size-capped tmpfs for ``/tmp`` and the working directory ``/sandbox``; the
+  program and its input files are copied in from memory (``memfd``), so the grader writes no
+  files and leaves no folder behind; a file the program writes (``collect``) comes back
+  through an inherited pipe;
+- ``--die-with-parent`` plus ``PR_SET_PDEATHSIG``: the sandbox dies with the grader;
+- rlimits (CPU, address space, file size, processes, open files, no core dumps), output
+  caps, and a wall-clock kill of the namespace's init, which takes every process in the
+  namespace with it (a double fork + ``setsid`` cannot escape); the run returns only once
+  the namespace is empty.
 
-The program's input goes through a pipe and its output is compared by the caller, so
-expected outputs are never written anywhere the program could read them.
+Expected outputs never enter the program's sandbox: the program gets its source, its input
+and nothing else; outputs are compared by the caller.
+
+Without a working bubblewrap nothing runs (:class:`SandboxUnavailable`) unless the config
+says ``unsafe_no_sandbox``; then programs run directly under the rlimits alone, with a loud
+warning, and :func:`sandbox_mode` reports it so metrics can record it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import enum
 import functools
+import json
+import logging
 import math
 import os
 import resource
@@ -29,149 +42,29 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
+from pipo.errors import PIPOError
+
+log = logging.getLogger(__name__)
+
+SYSTEM_PYTHON = "/usr/bin/python3"
 NOBODY_UID = 65534
 NOBODY_GID = 65534
-_RUNNER = "_sandbox_runner.py"
-_PROGRAM = "main.py"
+SANDBOX_DIR = "/sandbox"
+BUBBLEWRAP = "bubblewrap"
+UNSAFE = "none (--unsafe-no-sandbox)"
+_PATH = "/usr/bin:/bin"
+# Root-level links or folders that make /usr usable (merged-/usr systems have links).
+_USR_ALIASES = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
-# Executed in the child before the program; see layer 3 in the module docstring.
-_PREAMBLE = r'''
-import builtins, io, _imp, _io, os, posix, sys, _socket, _posixsubprocess
 
-def _install_guards():
-    root = os.path.realpath(os.getcwd())
-    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix,
-                                             sys.base_prefix, sys.base_exec_prefix)}
-    devices = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
-    read_roots = (root, *sorted(prefixes), *devices, "/usr/share/zoneinfo", "/etc/localtime")
-    write_roots = (root, "/dev/null")
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    real_open, real_os_open = _io.open, posix.open
-    real_listdir, real_scandir, real_fileio = posix.listdir, posix.scandir, _io.FileIO
-
-    def deny(what):
-        raise PermissionError(f"sandbox: {what} is not allowed")
-
-    def inside(path, roots):
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        real = os.path.realpath(os.fspath(path))
-        return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
-
-    def check(path, write):
-        if isinstance(path, int):
-            return
-        if not inside(path, write_roots if write else read_roots):
-            deny(("writing " if write else "reading ") + repr(path))
-
-    def guarded_open(file, mode="r", buffering=-1, encoding=None, errors=None,
-                     newline=None, closefd=True, opener=None):
-        check(file, any(c in mode for c in "wax+"))
-        return real_open(file, mode, buffering, encoding, errors, newline, closefd, opener)
-
-    def guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
-        if dir_fd is not None:
-            deny("open relative to a directory descriptor")
-        check(path, bool(flags & write_flags))
-        return real_os_open(path, flags, mode)
-
-    def guarded_open_code(path):
-        check(path, False)
-        return real_open(path, "rb")
-
-    def guarded_listdir(path="."):
-        check(path, False)
-        return real_listdir(path)
-
-    def guarded_scandir(path="."):
-        check(path, False)
-        return real_scandir(path)
-
-    class GuardedFileIO(real_fileio):
-        def __init__(self, file, mode="r", closefd=True, opener=None):
-            check(file, any(c in mode for c in "wax+"))
-            super().__init__(file, mode, closefd, opener)
-
-    def wrap_path_writer(name, n_paths=1):
-        real = getattr(posix, name)
-
-        def guarded(*args, **kwargs):
-            if kwargs.get("dir_fd") is not None or kwargs.get("src_dir_fd") is not None \
-                    or kwargs.get("dst_dir_fd") is not None:
-                deny(name + " relative to a directory descriptor")
-            for path in args[:n_paths]:
-                check(path, True)
-            return real(*args, **kwargs)
-        return guarded
-
-    def blocked(name):
-        def refuse(*args, **kwargs):
-            deny(name)
-        return refuse
-
-    for mod in (builtins, io, _io):
-        mod.open = guarded_open
-    for mod in (io, _io):
-        mod.open_code = guarded_open_code
-        mod.FileIO = GuardedFileIO
-    for mod in (os, posix):
-        mod.open = guarded_os_open
-        mod.listdir = guarded_listdir
-        mod.scandir = guarded_scandir
-        for name, n in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("mkdir", 1),
-                        ("rename", 2), ("replace", 2), ("link", 2), ("symlink", 2),
-                        ("chmod", 1), ("chown", 1), ("lchown", 1), ("truncate", 1),
-                        ("utime", 1), ("mkfifo", 1), ("mknod", 1)):
-            if hasattr(posix, name):
-                setattr(mod, name, wrap_path_writer(name, n))
-        for name in ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp",
-                     "execv", "execve", "kill", "killpg", "setsid", "setpgid", "chroot"):
-            if hasattr(mod, name):
-                setattr(mod, name, blocked(name))
-    _posixsubprocess.fork_exec = blocked("starting processes")
-    for name in ("ctypes", "_ctypes", "cffi", "_cffi_backend"):
-        sys.modules[name] = None
-    # Re-importing a patched built-in module would restore the original functions.
-    protected = {"builtins", "posix", "_imp", "_io", "_socket", "_posixsubprocess",
-                 "_ctypes", "_cffi_backend"}
-    real_create_builtin, real_create_dynamic = _imp.create_builtin, _imp.create_dynamic
-
-    def create_builtin(spec):
-        if spec.name in protected:
-            deny("re-importing " + spec.name)
-        return real_create_builtin(spec)
-
-    def create_dynamic(spec, *args):
-        if spec.name in protected:
-            deny("importing " + spec.name)
-        return real_create_dynamic(spec, *args)
-
-    _imp.create_builtin, _imp.create_dynamic = create_builtin, create_dynamic
-
-    class NoNetworkSocket(_socket.socket):
-        __slots__ = ()
-
-        def connect(self, *args):
-            deny("network access")
-        connect_ex = bind = listen = sendto = sendmsg = connect
-
-    _socket.socket = _socket.SocketType = NoNetworkSocket
-    for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
-        setattr(_socket, name, blocked("network access"))
-
-_install_guards()
-del _install_guards
-with open("main.py", encoding="utf-8") as _f:
-    _code = compile(_f.read(), "main.py", "exec")
-del _f
-exec(_code, {"__name__": "__main__", "__builtins__": builtins})
-'''
+class SandboxUnavailable(PIPOError):
+    """bubblewrap cannot isolate programs here and unsafe execution was not asked for."""
 
 
 class Status(str, enum.Enum):
@@ -189,7 +82,9 @@ class Status(str, enum.Enum):
 class SandboxConfig:
     """Limits for one run. ``wall_s`` defaults to ``2 * cpu_s + 1`` (sleeping programs).
 
-    ``drop_privileges`` (root only) rides on ``unshare``, so it needs ``isolate_network``.
+    ``python`` must live under ``/usr``, the only host folder the sandbox sees (the grader's
+    own interpreter may sit in a venv under a home folder that must stay hidden).
+    ``unsafe_no_sandbox`` allows running without isolation when bubblewrap does not work.
     """
 
     cpu_s: float = 6.0
@@ -198,11 +93,11 @@ class SandboxConfig:
     output_bytes: int = 1 << 20
     stderr_tail_bytes: int = 4096
     file_bytes: int = 16 << 20
+    tmpfs_mb: int = 64
     nproc: int = 64
     nofile: int = 64
-    python: str = field(default_factory=lambda: sys.executable)
-    isolate_network: bool = True
-    drop_privileges: bool = True
+    python: str = SYSTEM_PYTHON
+    unsafe_no_sandbox: bool = False
 
     @property
     def wall_limit_s(self) -> float:
@@ -211,80 +106,231 @@ class SandboxConfig:
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """Outcome of one run; ``stdout`` is capped at ``output_bytes``."""
+    """Outcome of one run; ``stdout`` and ``collected`` are capped at ``output_bytes``.
+
+    ``collected`` is the content of the file named by ``collect`` (None if not written).
+    """
 
     status: Status
     stdout: str
     stderr: str
     wall_s: float
     returncode: int
+    collected: bytes | None = None
 
     @property
     def ok(self) -> bool:
         return self.status is Status.OK
 
 
-def run_python(source: str, stdin: str = "", config: SandboxConfig | None = None) -> SandboxResult:
-    """Run ``source`` as ``__main__`` in a fresh sandbox, feeding ``stdin`` through a pipe."""
+def run_python(source: str, stdin: str = "", config: SandboxConfig | None = None, *,
+               files: Mapping[str, str | bytes] | None = None, args: Sequence[str] = (),
+               collect: str | None = None) -> SandboxResult:
+    """Run ``source`` as ``main.py`` with ``args``, feeding ``stdin`` through a pipe."""
     config = config or SandboxConfig()
-    prefix, dropped = launch_prefix(config.python, config.isolate_network, config.drop_privileges)
-    workdir = tempfile.mkdtemp(prefix="pipo-sandbox-")
-    try:
-        paths = [workdir]
-        for name, text in ((_PROGRAM, source), (_RUNNER, _PREAMBLE)):
-            paths.append(os.path.join(workdir, name))
-            with open(paths[-1], "w", encoding="utf-8") as f:
-                f.write(text)
-        if dropped:  # the run's directory belongs to the program, whatever our umask
-            for path in paths:
-                os.chown(path, NOBODY_UID, NOBODY_GID)
-        cmd = [*prefix, config.python, "-I", _RUNNER]
-        return _execute(cmd, workdir, stdin.encode("utf-8"), config)
-    finally:
-        _remove_tree(workdir)
+    return run_program([config.python, "-I", "main.py", *args], stdin, config,
+                       files={**(files or {}), "main.py": source}, collect=collect)
+
+
+def run_program(argv: Sequence[str], stdin: str = "", config: SandboxConfig | None = None, *,
+                files: Mapping[str, str | bytes] | None = None,
+                collect: str | None = None) -> SandboxResult:
+    """Run ``argv`` in a fresh sandbox whose working directory holds ``files`` (name ->
+    content, made executable), and return the file ``collect`` if the run wrote it."""
+    config = config or SandboxConfig()
+    for name in [*(files or {}), *([collect] if collect else [])]:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"sandbox file names must be plain names, got {name!r}")
+    contents = {name: data.encode("utf-8") if isinstance(data, str) else data
+                for name, data in (files or {}).items()}
+    if sandbox_mode(config) == BUBBLEWRAP:
+        return _run_bubblewrap(list(argv), stdin.encode("utf-8"), config, contents, collect)
+    return _run_unsafe(list(argv), stdin.encode("utf-8"), config, contents, collect)
+
+
+def sandbox_mode(config: SandboxConfig) -> str:
+    """``"bubblewrap"`` when the sandbox works, :data:`UNSAFE` when it does not and the
+    config allows running anyway; otherwise raise :class:`SandboxUnavailable`."""
+    problem = bubblewrap_problem(config.python)
+    if problem is None:
+        return BUBBLEWRAP
+    if config.unsafe_no_sandbox:
+        _warn_unsafe(problem)
+        return UNSAFE
+    raise SandboxUnavailable(
+        f"cannot sandbox model-written code: {problem}. Install bubblewrap (Debian: apt-get install "
+        f"bubblewrap) and allow unprivileged user namespaces, or pass --unsafe-no-sandbox to run "
+        f"untrusted code without isolation")
 
 
 @functools.lru_cache(maxsize=None)
-def launch_prefix(python: str, isolate_network: bool, drop_privileges: bool) -> tuple[tuple[str, ...], bool]:
-    """The strongest working command prefix here, and whether it drops to ``nobody``.
-
-    Probed once per process: ``unshare`` may be missing, forbidden (containers without
-    CAP_SYS_ADMIN or user namespaces), or ``nobody`` may not be able to run ``python``.
-    """
-    candidates: list[tuple[tuple[str, ...], bool]] = []
-    if isolate_network and shutil.which("unshare"):
-        if os.geteuid() == 0:
-            if drop_privileges:
-                ids = ("-S", str(NOBODY_UID), "-G", str(NOBODY_GID))
-                candidates.append((("unshare", "-n", *ids, "--"), True))
-            candidates.append((("unshare", "-n", "--"), False))
-        else:
-            candidates.append((("unshare", "-r", "-n", "--"), False))
-    limits = SandboxConfig(python=python)
-    for prefix, dropped in candidates:
-        if _probe(prefix, dropped, limits):
-            return prefix, dropped
-    return (), False
+def _warn_unsafe(problem: str) -> None:
+    log.warning("RUNNING MODEL-WRITTEN CODE WITHOUT A SANDBOX (--unsafe-no-sandbox): %s. It can read "
+                "and write your files, see the expected outputs and reach the network.", problem)
 
 
-def _probe(prefix: tuple[str, ...], dropped: bool, limits: SandboxConfig) -> bool:
-    """Whether ``prefix python`` starts under the default limits and can write its
-    working directory."""
-    workdir = tempfile.mkdtemp(prefix="pipo-sandbox-probe-")
+@functools.lru_cache(maxsize=None)
+def bubblewrap_problem(python: str) -> str | None:
+    """Why bubblewrap cannot run ``python`` isolated here (None: it can). Probed once per
+    process with a real run: bwrap may be missing, user namespaces refused, ``python``
+    outside ``/usr`` or absent."""
+    if shutil.which("bwrap") is None:
+        return "bwrap (bubblewrap) is not installed"
+    if not os.path.realpath(python).startswith("/usr/"):
+        return f"the sandbox sees only /usr, and {python} is not under it"
+    probe = _run_bubblewrap([python, "-I", "-c", "open('probe', 'w').write('ok')"], b"",
+                            SandboxConfig(python=python), {}, "probe")
+    if probe.collected == b"ok":
+        return None
+    return f"bwrap failed ({probe.stderr.strip()[-300:] or f'exit code {probe.returncode}'})"
+
+
+# ------------------------------------------------------------------------------ bubblewrap
+
+def _bwrap_command(argv: list[str], config: SandboxConfig, memfds: Mapping[str, int],
+                   collect: tuple[str, int] | None, info_fd: int) -> list[str]:
+    """The bwrap command line; ``memfds`` maps file names to memfds, ``collect`` is
+    (file name, pipe fd). The process limit is set inside, where it counts only the
+    sandbox's own processes (set outside, all of the user's processes would count)."""
+    tmpfs = str(config.tmpfs_mb << 20)
+    cmd = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user", "--disable-userns",
+           "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
+           "--clearenv", "--ro-bind", "/usr", "/usr"]
+    for name in _USR_ALIASES:
+        path = "/" + name
+        if os.path.islink(path):
+            cmd += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            cmd += ["--ro-bind", path, path]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", tmpfs, "--tmpfs", "/tmp",
+            "--size", tmpfs, "--tmpfs", SANDBOX_DIR, "--chdir", SANDBOX_DIR]
+    for name, fd in memfds.items():
+        cmd += ["--perms", "0755", "--file", str(fd), f"{SANDBOX_DIR}/{name}"]
+    for key, value in _minimal_env(SANDBOX_DIR).items():
+        cmd += ["--setenv", key, value]
+    cmd += ["--remount-ro", "/", "--info-fd", str(info_fd), "--"]
+    limited = ["/usr/bin/prlimit", f"--nproc={config.nproc}", "--", *argv]
+    if collect is None:
+        return cmd + limited
+    name, fd = collect
+    # The program's exit status is kept; the file comes back on `fd` behind a "+" that
+    # tells a written empty file from none.
+    script = f'"$@"; status=$?; if [ -f {name} ]; then {{ printf +; cat -- {name}; }} >&{fd}; fi; exit $status'
+    return cmd + ["/bin/bash", "-c", script, "bash", *limited]  # dash cannot name fds above 9
+
+
+def _run_bubblewrap(argv: list[str], stdin: bytes, config: SandboxConfig, files: Mapping[str, bytes],
+                    collect: str | None) -> SandboxResult:
+    ours: list[int] = []  # pipe ends read here
+    theirs: list[int] = []  # fds handed to bwrap, closed here once it has them
     try:
-        if dropped:
-            os.chown(workdir, NOBODY_UID, NOBODY_GID)
-        code = "import _socket, json; open('probe', 'w').close()"
-        done = subprocess.run([*prefix, limits.python, "-I", "-c", code], cwd=workdir,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=30, check=False,
-                              preexec_fn=functools.partial(_set_limits, limits))
-        return done.returncode == 0 and os.path.exists(os.path.join(workdir, "probe"))
-    except (OSError, subprocess.SubprocessError):
-        return False
+        memfds = {}
+        for name, data in files.items():
+            memfds[name] = _memfd(name, data)
+            theirs.append(memfds[name])
+        info_read, info_write = _pipe(ours, theirs)
+        back = _pipe(ours, theirs) if collect is not None else None
+        cmd = _bwrap_command(argv, config, memfds, (collect, back[1]) if back else None, info_write)
+        proc = _popen(cmd, "/", {}, config, theirs, sandboxed=True)
+    except BaseException:
+        _close_all(ours)
+        raise
+    finally:
+        _close_all(theirs)
+    try:
+        init = _sandbox_init(info_read)
+        kill = functools.partial(_kill_sandbox, proc, init)
+        back_capture = _Capture(back[0], config.output_bytes + 1, False, kill) if back else None
+        result = _supervise(proc, stdin, config, kill, signal_in_exit_code=True)
+        if init is not None:
+            os.close(init)
+    finally:
+        _close_all(ours)
+    if back_capture is None:
+        return result
+    back_capture.thread.join(timeout=5)
+    if back_capture.overflowed:
+        return dataclasses.replace(result, status=Status.OUTPUT_LIMIT)
+    data = bytes(back_capture.data)
+    return dataclasses.replace(result, collected=data[1:] if data.startswith(b"+") else None)
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An anonymous in-memory file holding ``data``, rewound for bwrap to copy."""
+    fd = os.memfd_create(name, 0)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _pipe(ours: list[int], theirs: list[int]) -> tuple[int, int]:
+    read, write = os.pipe()
+    ours.append(read)
+    theirs.append(write)
+    return read, write
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
+
+
+def _sandbox_init(info_fd: int) -> int | None:
+    """A pidfd of the sandbox's PID-namespace init (bwrap's ``--info-fd`` names it): killing
+    it kills every process in the namespace, and bwrap exits only once they are gone."""
+    data = b""
+    while chunk := os.read(info_fd, 4096):
+        data += chunk
+    try:
+        return os.pidfd_open(int(json.loads(data)["child-pid"]))
+    except (ValueError, KeyError, TypeError, OSError):  # bwrap failed early, or init already gone
+        return None
+
+
+def _kill_sandbox(proc: subprocess.Popen, init: int | None) -> None:
+    """Kill the namespace through its init and wait until bwrap reports it empty."""
+    if init is not None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(init, signal.SIGKILL)
+        _wait_unreaped(proc, 10)
+    _kill_group(proc.pid)
+
+
+# ------------------------------------------------------------------------- without sandbox
+
+def _run_unsafe(argv: list[str], stdin: bytes, config: SandboxConfig, files: Mapping[str, bytes],
+                collect: str | None) -> SandboxResult:
+    """rlimits, a new session and a scratch folder: no isolation (``--unsafe-no-sandbox``)."""
+    workdir = tempfile.mkdtemp(prefix="pipo-unsafe-")
+    try:
+        for name, data in files.items():
+            path = os.path.join(workdir, name)
+            with open(path, "wb") as f:
+                f.write(data)
+            os.chmod(path, 0o755)
+        proc = _popen(argv, workdir, _minimal_env(workdir), config, [], sandboxed=False)
+        result = _supervise(proc, stdin, config, functools.partial(_kill_group, proc.pid),
+                            signal_in_exit_code=False)
+        path = os.path.join(workdir, collect) if collect else None
+        if path is None or not os.path.isfile(path):
+            return result
+        with open(path, "rb") as f:
+            data = f.read(config.output_bytes + 1)
+        if len(data) > config.output_bytes:
+            return dataclasses.replace(result, status=Status.OUTPUT_LIMIT)
+        return dataclasses.replace(result, collected=data)
     finally:
         _remove_tree(workdir)
 
+
+# ------------------------------------------------------------------------------- processes
 
 def _load_prctl():
     """libc's prctl, loaded in the parent: nothing should be dlopen'ed after fork."""
@@ -298,10 +344,18 @@ _PRCTL = _load_prctl()
 _PR_SET_PDEATHSIG = 1
 
 
-def _set_limits(config: SandboxConfig) -> None:
-    """Kernel limits, applied in the child between fork and exec. The child is also
-    killed if the grader dies (a sleeping program would otherwise outlive it; a
-    privilege drop clears this, leaving RLIMIT_CPU and the grader's kill)."""
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``);
+    exit now if the parent is already gone. For grader worker processes."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _set_limits(config: SandboxConfig, nproc: bool) -> None:
+    """Kernel limits, applied in the child between fork and exec (after any change of user,
+    which would clear the parent-death signal). ``nproc``: also limit processes."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
     cpu = max(1, math.ceil(config.cpu_s))
@@ -309,24 +363,37 @@ def _set_limits(config: SandboxConfig) -> None:
         resource.RLIMIT_CPU: (cpu, cpu + 1),
         resource.RLIMIT_AS: (config.memory_mb << 20,) * 2,
         resource.RLIMIT_FSIZE: (config.file_bytes,) * 2,
-        resource.RLIMIT_NPROC: (config.nproc,) * 2,
         resource.RLIMIT_NOFILE: (config.nofile,) * 2,
         resource.RLIMIT_CORE: (0, 0),
     }
+    if nproc:
+        limits[resource.RLIMIT_NPROC] = (config.nproc,) * 2
     for kind, (soft, hard) in limits.items():
         _, current_hard = resource.getrlimit(kind)
         if current_hard != resource.RLIM_INFINITY:
             soft, hard = min(soft, current_hard), min(hard, current_hard)
         resource.setrlimit(kind, (soft, hard))
-    if os.geteuid() == 0:
-        os.setgroups([])
 
 
-def _minimal_env(workdir: str) -> dict[str, str]:
+def _popen(cmd: list[str], cwd: str, env: dict[str, str], config: SandboxConfig, pass_fds: list[int],
+           sandboxed: bool) -> subprocess.Popen:
+    """Start ``cmd`` in a new session under the limits. bwrap (``sandboxed``) started by root
+    runs as ``nobody``, so the sandbox maps to an unprivileged host uid; it sets the process
+    limit inside."""
+    drop = sandboxed and os.geteuid() == 0
+    ids = {"user": NOBODY_UID, "group": NOBODY_GID, "extra_groups": []} if drop else {}
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True, close_fds=True, pass_fds=pass_fds,
+        preexec_fn=functools.partial(_set_limits, config, not sandboxed), **ids,
+    )
+
+
+def _minimal_env(home: str) -> dict[str, str]:
     return {
-        "PATH": "/usr/bin:/bin",
-        "HOME": workdir,
-        "TMPDIR": workdir,
+        "PATH": _PATH,
+        "HOME": home,
+        "TMPDIR": home,
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
         "OMP_NUM_THREADS": "1",
@@ -338,22 +405,21 @@ def _minimal_env(workdir: str) -> dict[str, str]:
 class _Capture:
     """Reads a pipe on a thread, keeping the head (stdout) or the tail (stderr)."""
 
-    def __init__(self, pipe, limit: int, keep_tail: bool, on_overflow=None) -> None:
+    def __init__(self, fd: int, limit: int, keep_tail: bool, on_overflow=None) -> None:
         self.data = bytearray()
         self.overflowed = False
-        self._pipe, self._limit, self._keep_tail, self._on_overflow = pipe, limit, keep_tail, on_overflow
+        self._fd, self._limit, self._keep_tail, self._on_overflow = fd, limit, keep_tail, on_overflow
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        fd = self._pipe.fileno()
         try:
-            self._read_all(fd)
+            self._read_all()
         except OSError:  # the pipe was closed under us after a kill
             pass
 
-    def _read_all(self, fd: int) -> None:
-        while chunk := os.read(fd, 65536):
+    def _read_all(self) -> None:
+        while chunk := os.read(self._fd, 65536):
             self.data += chunk
             if len(self.data) <= self._limit:
                 continue
@@ -374,17 +440,13 @@ def _feed(pipe, data: bytes) -> None:
     except (BrokenPipeError, OSError):
         pass
     finally:
-        try:
+        with contextlib.suppress(OSError):
             pipe.close()
-        except OSError:
-            pass
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _wait_unreaped(proc: subprocess.Popen, timeout: float) -> bool:
@@ -406,31 +468,34 @@ def _wait_unreaped(proc: subprocess.Popen, timeout: float) -> bool:
         os.close(pidfd)
 
 
-def _execute(cmd: list[str], workdir: str, stdin: bytes, config: SandboxConfig) -> SandboxResult:
+def _supervise(proc: subprocess.Popen, stdin: bytes, config: SandboxConfig, kill: Callable[[], None],
+               signal_in_exit_code: bool) -> SandboxResult:
+    """Feed stdin, capture output, enforce the wall clock, then ``kill`` whatever is left.
+
+    ``signal_in_exit_code``: the launcher reports a signal ``n`` as exit code ``128 + n``
+    (bwrap and the shell do).
+    """
     start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, cwd=workdir, env=_minimal_env(workdir), stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        close_fds=True, preexec_fn=functools.partial(_set_limits, config),
-    )
-    pgid = proc.pid
     writer = threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True)
     writer.start()
-    out = _Capture(proc.stdout, config.output_bytes, keep_tail=False,
-                   on_overflow=functools.partial(_kill_group, pgid))
-    err = _Capture(proc.stderr, config.stderr_tail_bytes, keep_tail=True)
+    out = _Capture(proc.stdout.fileno(), config.output_bytes, False, kill)
+    err = _Capture(proc.stderr.fileno(), config.stderr_tail_bytes, True)
     exited = _wait_unreaped(proc, config.wall_limit_s)
-    _kill_group(pgid)
+    kill()
     returncode = proc.wait()
     wall = time.monotonic() - start
     for thread in (writer, out.thread, err.thread):
         thread.join(timeout=5)
     for pipe in (proc.stdout, proc.stderr):
         pipe.close()
+    if signal_in_exit_code and returncode > 128 and returncode - 128 in signal.valid_signals():
+        returncode = 128 - returncode
     stderr = err.data.decode("utf-8", errors="replace")
     status = _classify(returncode, exited, out.overflowed, stderr)
-    return SandboxResult(status, out.data.decode("utf-8", errors="replace"), stderr, wall,
-                         returncode)
+    return SandboxResult(status, out.data.decode("utf-8", errors="replace"), stderr, wall, returncode)
+
+
+_OUT_OF_MEMORY = ("MemoryError", "std::bad_alloc", "Cannot allocate memory")
 
 
 def _classify(returncode: int, exited: bool, overflowed: bool, stderr: str) -> Status:
@@ -441,7 +506,7 @@ def _classify(returncode: int, exited: bool, overflowed: bool, stderr: str) -> S
     if returncode == 0:
         return Status.OK
     lines = stderr.strip().splitlines()
-    if lines and lines[-1].startswith("MemoryError"):
+    if "std::bad_alloc" in stderr or (lines and any(marker in lines[-1] for marker in _OUT_OF_MEMORY)):
         return Status.MEMORY
     if returncode < 0:
         return Status.KILLED
@@ -451,8 +516,6 @@ def _classify(returncode: int, exited: bool, overflowed: bool, stderr: str) -> S
 def _remove_tree(path: str) -> None:
     """Delete a run directory even if the program removed its own permissions."""
     for dirpath, _, _ in os.walk(path):
-        try:
+        with contextlib.suppress(OSError):
             os.chmod(dirpath, 0o700)
-        except OSError:
-            pass
     shutil.rmtree(path, ignore_errors=True)

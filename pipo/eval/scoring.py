@@ -25,7 +25,7 @@ from pipo.data.records import append_jsonl, drop_partial_last_line, write_json
 from pipo.errors import PIPOError
 from pipo.eval.graders import DEFAULT_MATH_TIMEOUT_S, grade, grader_for
 from pipo.eval.metrics import summarize
-from pipo.eval.sandbox import SandboxConfig
+from pipo.eval.sandbox import SandboxConfig, SandboxUnavailable, die_with_parent, sandbox_mode
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def score_generations(
         for row in bar:
             append_jsonl(out, row)
     metrics = summarize(read_scores(scores_path), k)
+    metrics["code_sandbox"] = _sandbox_description(sandbox or SandboxConfig())
     labels = {"model": model_label, "method": method_label}
     metrics.update({key: value for key, value in labels.items() if value is not None})
     if f"pass@{k}" not in metrics["overall"]:
@@ -185,7 +186,15 @@ def _score_job(job: Mapping[str, Any], sandbox: SandboxConfig | None, math_timeo
     return {"id": job["id"], "benchmark": job["benchmark"], "method": job["method"],
             "model": job["model"], "grader": job["grader"],
             "correct": [r.correct for r in results], "reasons": [r.reason for r in results],
-            "stats": job["stats"]}
+            "verdicts": [list(r.verdicts) for r in results], "stats": job["stats"]}
+
+
+def _sandbox_description(config: SandboxConfig) -> str:
+    """How code was (or would be) run, for the metrics: a run without a sandbox is marked."""
+    try:
+        return sandbox_mode(config)
+    except SandboxUnavailable:
+        return "unavailable"
 
 
 def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
@@ -198,7 +207,9 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -
         yield from map(fn, items)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    # Workers (and through them their sandboxes) are killed with this process, even by kill -9.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         pending: deque[Future] = deque()
         try:
             for item in items:
