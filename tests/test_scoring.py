@@ -14,6 +14,7 @@ import pytest
 
 from pipo.cli import main as pipo_main
 from pipo.eval.scoring import RecordError, read_scores, score_generations
+from tests.fixtures_code import children_of, host_processes_with, wait_for
 
 
 def _stats(n: int, ttft: float = 0.1) -> list[dict]:
@@ -107,7 +108,8 @@ def test_resume_after_a_real_kill(tmp_path):
     scores, metrics_path = tmp_path / "scores.jsonl", tmp_path / "metrics.json"
     cmd = [sys.executable, "-m", "pipo.cli", "score", "--generations", str(gens), "--scores", str(scores),
            "--metrics", str(metrics_path), "--no-progress"]
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the killed run cannot clean its sandbox dir
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not scores.exists() or scores.read_text().count("\n") < 2):
@@ -116,6 +118,7 @@ def test_resume_after_a_real_kill(tmp_path):
     proc.wait()
     done_before = len(_ids(scores))
     assert 2 <= done_before < len(slow) and not metrics_path.exists()
+    assert list((tmp_path / "tmp").iterdir()) == []  # sandboxes write no host files
     assert pipo_main(cmd[3:]) == 0
     assert _ids(scores) == [r["id"] for r in slow]
     uninterrupted = score_generations(gens, tmp_path / "s2.jsonl", tmp_path / "m2.json", progress=False)
@@ -178,3 +181,32 @@ def test_cli_score(tmp_path, capsys):
     bad = _write(tmp_path / "bad.jsonl", [], extra_lines=("{",))
     assert pipo_main(args[:1] + ["--generations", str(bad)] + args[3:]) == 2
     assert f"{bad}:1: invalid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # worker processes import `pipo` afresh
+def test_kill_9_of_a_worker_pool_takes_workers_and_sandboxes_with_it(tmp_path):
+    marker = "pipo-pool-sleeper-" + os.urandom(8).hex()
+    sleeper = f"import os\nos.execv('/usr/bin/sleep', [{marker!r}, '300'])"
+    records = []
+    for i in range(4):
+        record = _code(i)
+        record["tests"]["time_limit_s"] = 100
+        record["completions"] = [f"```python\n{sleeper}\n```"]
+        record["stats"] = _stats(1)
+        records.append(record)
+    gens = _write(tmp_path / "gens.jsonl", records)
+    (tmp_path / "tmp").mkdir()
+    cmd = [sys.executable, "-m", "pipo.cli", "score", "--generations", str(gens), "--scores",
+           str(tmp_path / "s.jsonl"), "--metrics", str(tmp_path / "m.json"), "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        wait_for(lambda: len(host_processes_with(marker)) == 2, 120, "both workers to run a sandbox")
+        workers = children_of(proc.pid)
+        assert len(workers) >= 2, workers
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30, "the workers to die")
+    wait_for(lambda: not host_processes_with(marker), 30, "the sandboxed programs to die")
+    assert list((tmp_path / "tmp").iterdir()) == []
