@@ -210,3 +210,27 @@ def test_kill_9_of_a_worker_pool_takes_workers_and_sandboxes_with_it(tmp_path):
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30, "the workers to die")
     wait_for(lambda: not host_processes_with(marker), 30, "the sandboxed programs to die")
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_score_refuses_code_without_a_sandbox_unless_unsafe_is_asked_for(tmp_path, monkeypatch, capsys):
+    from pipo.eval.sandbox import UNSAFE, bubblewrap_problem
+
+    gens = _write(tmp_path / "gens.jsonl", [_math(1), _code(1)])
+    args = ["score", "--generations", str(gens), "--scores", str(tmp_path / "s.jsonl"),
+            "--metrics", str(tmp_path / "m.json"), "--k", "2", "--no-progress"]
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on the PATH
+    bubblewrap_problem.cache_clear()
+    try:
+        assert pipo_main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "bwrap (bubblewrap) is not installed" in err[0] and "--unsafe-no-sandbox" in err[0]
+        assert _ids(tmp_path / "s.jsonl") == ["m1"] and not (tmp_path / "m.json").exists()
+        assert pipo_main(args + ["--unsafe-no-sandbox"]) == 0
+        assert "WARNING: --unsafe-no-sandbox" in capsys.readouterr().err
+        metrics = json.loads((tmp_path / "m.json").read_text())
+        assert metrics["code_sandbox"] == UNSAFE and metrics["benchmarks"]["livecodebench"]["avg@2"] == 0.5
+    finally:
+        monkeypatch.undo()
+        bubblewrap_problem.cache_clear()
+    assert score_generations(gens, tmp_path / "s2.jsonl", tmp_path / "m2.json", progress=False)["code_sandbox"] \
+        == "bubblewrap"
