@@ -124,6 +124,16 @@ def _python_hostiles(targets: list[str], port: int, marker: str, host_pids: list
                 blocks.append(bytearray(64 * 1024 * 1024))
             """,
         "infinite_loop": "while True:\n    pass\n",
+        "file_flood": """
+            import os
+            written = 0
+            for folder in ("/sandbox", "/tmp", "/dev/shm", "/dev", "/"):
+                for i in range(1000):
+                    if attempt(lambda: open(f"{folder}/flood{i}", "wb").write(b"x" * (4 << 20))) is None:
+                        break
+                    written += 4
+            print(input(), written)
+            """,
         "output_flood": "while True:\n    print('flood' * 1000)\n",
         "write_outside": f"""
             import os, shutil
@@ -266,7 +276,7 @@ def test_hostile_python_programs_are_contained(planted):
     assert verdicts["infinite_loop"].verdicts == ("time_limit",)
     assert verdicts["output_flood"].verdicts == ("output_limit",)
     for name in ("write_outside", "network", "read_secrets", "read_host_files", "signal_everyone",
-                 "escape_process_group", "process_flood"):
+                 "escape_process_group", "process_flood", "file_flood"):
         assert verdicts[name].reason == "wrong answer on test 1/1", (name, verdicts[name])
     planted.assert_untouched()
 
@@ -285,6 +295,7 @@ def test_what_the_hostile_programs_saw(planted):
     assert _stdout(hostile["read_host_files"]) == "question []"
     started = int(_stdout(hostile["process_flood"]).split()[1])
     assert 0 < started < 32  # RLIMIT_NPROC binds inside the sandbox
+    assert int(_stdout(hostile["file_flood"]).split()[1]) <= 3 * SandboxConfig().tmpfs_mb  # tmpfs sizes bind
     planted.assert_untouched()
 
 

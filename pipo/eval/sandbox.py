@@ -202,20 +202,22 @@ def _bwrap_command(argv: list[str], config: SandboxConfig, memfds: Mapping[str, 
             cmd += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             cmd += ["--ro-bind", path, path]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", tmpfs, "--tmpfs", "/tmp",
-            "--size", tmpfs, "--tmpfs", SANDBOX_DIR, "--chdir", SANDBOX_DIR]
+    cmd += ["--proc", "/proc", "--dev", "/dev"]
+    for path in ("/dev/shm", "/tmp", SANDBOX_DIR):  # every writable place is capped
+        cmd += ["--size", tmpfs, "--tmpfs", path]
+    cmd += ["--chdir", SANDBOX_DIR]
     for name, fd in memfds.items():
         cmd += ["--perms", "0755", "--file", str(fd), f"{SANDBOX_DIR}/{name}"]
     for key, value in _minimal_env(SANDBOX_DIR).items():
         cmd += ["--setenv", key, value]
-    cmd += ["--remount-ro", "/", "--info-fd", str(info_fd), "--"]
+    cmd += ["--remount-ro", "/dev", "--remount-ro", "/", "--info-fd", str(info_fd), "--"]
     limited = ["/usr/bin/prlimit", f"--nproc={config.nproc}", "--", *argv]
     if collect is None:
         return cmd + limited
     name, fd = collect
     # The program's exit status is kept; the file comes back on `fd` behind a "+" that
     # tells a written empty file from none.
-    script = f'"$@"; status=$?; if [ -f {name} ]; then {{ printf +; cat -- {name}; }} >&{fd}; fi; exit $status'
+    script = f'"$@" {fd}>&-; status=$?; if [ -f {name} ]; then {{ printf +; cat -- {name}; }} >&{fd}; fi; exit $status'
     return cmd + ["/bin/bash", "-c", script, "bash", *limited]  # dash cannot name fds above 9
 
 
