@@ -325,11 +325,13 @@ def _cpp_hostiles(targets: list[str], port: int) -> dict[str, str]:
     paths = ", ".join(f'"{t}/open.txt"' for t in targets)
     return {
         "fork_bomb": "#include <unistd.h>\nint main(){ for(;;) fork(); }",
-        "memory_bomb": "#include <vector>\nint main(){ std::vector<std::vector<char>> v; for(;;) v.emplace_back(1 << 26, 1); }",
+        "memory_bomb": ("#include <vector>\nint main(){ std::vector<std::vector<char>> v;"
+                        " for(;;) v.emplace_back(1 << 26, 1); }"),
         "infinite_loop": "int main(){ volatile unsigned long x = 0; for(;;) x++; }",
         "output_flood": "#include <cstdio>\nint main(){ for(;;) puts(\"flood flood flood flood\"); }",
         "write_outside": ("#include <cstdio>\n#include <sys/stat.h>\nint main(){ const char* p[] = {" + paths + "};"
-                          " for (const char* f : p) { FILE* h = fopen(f, \"w\"); if (h) { fputs(\"x\", h); fclose(h); } }"
+                          " for (const char* f : p) { FILE* h = fopen(f, \"w\");"
+                          " if (h) { fputs(\"x\", h); fclose(h); } }"
                           + echo + " }"),
         "network": ("#include <cstdio>\n#include <sys/socket.h>\n#include <netinet/in.h>\n#include <arpa/inet.h>\n"
                     "int main(){ int s = socket(AF_INET, SOCK_STREAM, 0); sockaddr_in a{}; a.sin_family = AF_INET;"
