@@ -266,3 +266,23 @@ def test_file_input_problem():
     assert not stdout_only.correct and stdout_only.reason == "wrong answer (output.txt not written) on test 1/2"
     bad = grade_code(FILE_RIGHT, {**FILE_TESTS, "input_file": "../input.txt"}, FAST)
     assert bad.reason.startswith("bad tests: file names")
+
+
+def test_codeforces_records_from_the_hub_schema_grade_end_to_end(tmp_path):
+    """Loader output (checker, C++, file input) is what the grader runs."""
+    from pipo.data.sources import load_codeforces_prompts
+    from tests import fixtures_hub as hub
+
+    hub.write_codeforces_prompts(tmp_path / "cf")
+    records = {r["id"]: r for r in load_codeforces_prompts(tmp_path / "cf", cache_dir=tmp_path / "cache")}
+    sum_cpp = '#include <cstdio>\nint main(){int a,b; scanf("%d %d",&a,&b); printf("%d\\n", a+b);}'
+    split_cpp = '#include <cstdio>\nint main(){int a,b; scanf("%d %d",&a,&b); printf("%d %d\\n", a+b-1, 1);}'
+    file_py = "a, b = map(int, open('input.txt').read().split())\nopen('output.txt', 'w').write(f'{a + b}\\n')"
+    cases = [("codeforces/1/A/cpp", fenced(sum_cpp, "cpp"), True),
+             ("codeforces/2/B/cpp", fenced(split_cpp, "cpp"), True),  # another right split, by the checker
+             ("codeforces/2/B/cpp", fenced(split_cpp.replace("a+b-1", "a+b"), "cpp"), False),
+             ("codeforces/4/D/python", fenced(file_py), True),
+             ("codeforces/1/A/python", fenced("print(0)"), False)]
+    for pid, completion, correct in cases:
+        result = grade_code(completion, records[pid]["tests"], FAST)
+        assert result.correct == correct, (pid, result)
