@@ -30,7 +30,7 @@ from pipo.eval.sandbox import (
     run_python,
     sandbox_mode,
 )
-from tests.fixtures_code import cf_tests, fenced, host_processes_with
+from tests.fixtures_code import cf_tests, fenced, host_processes_with, wait_for
 
 FAST = SandboxConfig(cpu_s=1, wall_s=2, memory_mb=512, output_bytes=64 * 1024)
 PROJECT = Path(__file__).resolve().parents[1]
@@ -309,12 +309,19 @@ def test_the_secret_finder_finds_an_unconfined_secret(tmp_path):
 
 def test_a_sandbox_cannot_signal_a_concurrent_one(planted):
     hostile = _python_hostiles([], 9, planted.marker, planted.host_pids)["signal_everyone"]
-    patient = "import time\ntime.sleep(1.5)\nprint('alive')"
+    waiting = "pipo-patient-" + secrets.token_hex(8)
+    patient = (f"import os\npid = os.fork()\nif pid == 0:\n    os.execv('/usr/bin/sleep', [{waiting!r}, '2'])\n"
+               "os.waitpid(pid, 0)\nprint('alive')")
     results = {}
-    slow = threading.Thread(target=lambda: results.update(patient=run_python(patient, "", FAST)))
+    config = SandboxConfig(cpu_s=1, wall_s=30)
+    slow = threading.Thread(target=lambda: results.update(patient=run_python(patient, "", config)))
     slow.start()
-    results["killer"] = run_python(hostile, "q\n", FAST)
-    slow.join()
+    try:
+        wait_for(lambda: bool(host_processes_with(waiting)), 30, "the patient sandbox to start")
+        results["killer"] = run_python(hostile, "q\n", config)
+        assert host_processes_with(waiting), "the other sandbox's process was killed"
+    finally:
+        slow.join()
     assert results["killer"].stdout.strip() == "q"
     assert results["patient"].ok and results["patient"].stdout.strip() == "alive", results["patient"]
     planted.assert_untouched()

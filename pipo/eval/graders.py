@@ -399,12 +399,11 @@ def compile_cpp(source: str, sandbox: SandboxConfig | None = None) -> tuple[byte
 
 
 def _check_with_checker(checker: str, given: str, want: str, got: str,
-                        base: SandboxConfig) -> tuple[Verdict, str]:
+                        config: SandboxConfig) -> tuple[Verdict, str]:
     """Run the problem's checker (``python checker.py input.txt correct_output.txt
     solution_output.txt``, open-r1/codeforces) in its own sandbox with its own time limit.
     It prints a score; full marks (>= 1) is accepted (Codeforces checkers are all or nothing,
     on a 0-1 or 0-100 scale)."""
-    config = dataclasses.replace(base, cpu_s=CHECKER_TIME_LIMIT_S, wall_s=None)
     run = run_python(checker, "", config, files=dict(zip(CHECKER_FILES, (given, want, got))),
                      args=CHECKER_FILES)
     if not run.ok:
@@ -416,8 +415,8 @@ def _check_with_checker(checker: str, given: str, want: str, got: str,
     return (Verdict.ACCEPTED, "") if score >= 1 else (Verdict.WRONG_ANSWER, "wrong answer (checker)")
 
 
-def _judge_test(program: _Program, given: str, want: str, tests: Mapping[str, Any],
-                config: SandboxConfig, matches: Callable[[str, str], bool]) -> tuple[Verdict, str]:
+def _judge_test(program: _Program, given: str, want: str, tests: Mapping[str, Any], config: SandboxConfig,
+                checker_config: SandboxConfig, matches: Callable[[str, str], bool]) -> tuple[Verdict, str]:
     """Run one test in a fresh sandbox and judge its output (outside the program's sandbox)."""
     files, stdin, collect = dict(program.files), given, None
     if tests.get("input_mode") == "file":
@@ -429,7 +428,7 @@ def _judge_test(program: _Program, given: str, want: str, tests: Mapping[str, An
         return Verdict.WRONG_ANSWER, f"wrong answer ({collect} not written)"
     got = run.stdout if collect is None else run.collected.decode("utf-8", errors="replace")
     if tests.get("checker"):
-        return _check_with_checker(tests["checker"], given, want, got, config)
+        return _check_with_checker(tests["checker"], given, want, got, checker_config)
     return (Verdict.ACCEPTED, "") if matches(got, want) else (Verdict.WRONG_ANSWER, "wrong answer")
 
 
@@ -444,7 +443,8 @@ def _tests_problem(tests: Mapping[str, Any], language: str) -> str | None:
         return f"unsupported input mode {tests.get('input_mode')!r}"
     if tests.get("input_mode") == "file":
         names = (tests.get("input_file"), tests.get("output_file"))
-        if not all(isinstance(n, str) and n and "/" not in n and n not in CHECKER_FILES[1:] for n in names):
+        if not all(isinstance(n, str) and n and "/" not in n and n not in ("main", "main.py", ".", "..")
+                   for n in names):
             return f"bad tests: file names {names!r}"
     if tests.get("format") == "functional" and (language != "python" or not tests.get("fn_name")):
         return "functional tests need python and fn_name"
@@ -482,9 +482,10 @@ def grade_code(completion: str, tests: Mapping[str, Any], sandbox: SandboxConfig
         program = _Program((base.python, "-I", "main.py"), {"main.py": _stdin_program(code)})
     matches = json_output_matches if tests["format"] == "functional" else stdout_matches
     config = _sandbox_for(tests, base, language)
+    checker_config = dataclasses.replace(base, cpu_s=CHECKER_TIME_LIMIT_S, wall_s=None)
     inputs, outputs, verdicts = list(tests["inputs"]), list(tests["outputs"]), []
     for i, (given, want) in enumerate(zip(inputs, outputs), start=1):
-        verdict, detail = _judge_test(program, str(given), str(want), tests, config, matches)
+        verdict, detail = _judge_test(program, str(given), str(want), tests, config, checker_config, matches)
         verdicts.append(verdict.value)
         if verdict is not Verdict.ACCEPTED:
             return GradeResult(False, f"{detail} on test {i}/{len(inputs)}", code, tuple(verdicts))
