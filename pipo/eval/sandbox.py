@@ -239,18 +239,20 @@ def _run_bubblewrap(argv: list[str], stdin: bytes, config: SandboxConfig, files:
         raise
     finally:
         _close_all(theirs)
+    init = None
     try:
         init = _sandbox_init(info_read)
         kill = functools.partial(_kill_sandbox, proc, init)
         back_capture = _Capture(back[0], config.output_bytes + 1, False, kill) if back else None
         result = _supervise(proc, stdin, config, kill, signal_in_exit_code=True)
+        if back_capture is not None:
+            back_capture.thread.join(timeout=5)  # bwrap is gone: the pipe is at its end
+    finally:
         if init is not None:
             os.close(init)
-    finally:
         _close_all(ours)
     if back_capture is None:
         return result
-    back_capture.thread.join(timeout=5)
     if back_capture.overflowed:
         return dataclasses.replace(result, status=Status.OUTPUT_LIMIT)
     data = bytes(back_capture.data)
