@@ -20,3 +20,12 @@ class UnsupportedArchitectureError(PIPOError):
 
 class NotAPIPOCheckpointError(PIPOError):
     """A regular checkpoint was loaded where a PIPO one is required."""
+
+
+class InputError(PIPOError):
+    """Bad input at a known place; the message reads `file:row: field: problem` (absent parts left out)."""
+
+    def __init__(self, problem: str, *, file: object = None, row: int | None = None, field: str | None = None) -> None:
+        self.file, self.row, self.field, self.problem = file, row, field, problem
+        where = ":".join(str(part) for part in (file, row) if part is not None)
+        super().__init__(": ".join(part for part in (where, field, problem) if part))

@@ -21,6 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pipo.data.records import atomic_write_bytes, atomic_write_text
+from pipo.errors import PIPOError
 from pipo.eval.metrics import BASELINE_METHOD, speedups
 
 DEFAULT_METHOD_ORDER: tuple[str, ...] = ("regular", "eagle", "mtp", "pipo-sft", "pipo-opd")
@@ -68,20 +69,20 @@ def check_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     `pass_at_k` may be null (fewer than k samples): the table shows it as missing.
     """
     if not isinstance(row, Mapping):
-        raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+        raise PIPOError(f"{where}: expected an object, got {type(row).__name__}")
     for field in _REQUIRED:
         if field not in row or (row[field] is None and field != "pass_at_k"):
-            raise ValueError(f"{where}: missing field {field!r}")
+            raise PIPOError(f"{where}: missing field {field!r}")
     out = dict(row)
     out["method"] = method_key(row)
     for field in ("avg_at_k", "pass_at_k"):
         value = row[field]
         if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0):
-            raise ValueError(f"{where}: field {field!r} must be a fraction in [0, 1], got {value!r}")
+            raise PIPOError(f"{where}: field {field!r} must be a fraction in [0, 1], got {value!r}")
     for field in (*SPEED_FIELDS, *_TIMES):
         value = row.get(field)
         if value is not None and not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: field {field!r} must be a number or null, got {value!r}")
+            raise PIPOError(f"{where}: field {field!r} must be a number or null, got {value!r}")
     return out
 
 
@@ -97,12 +98,12 @@ def rows_from_summary(summary: Mapping[str, Any], where: str) -> list[dict[str, 
         value = summary.get(field)
         listed = summary.get(f"{field}s") or []
         if value is None and len(listed) != 1:
-            raise ValueError(f"{where}: expected a {field!r} key or exactly one entry in '{field}s', got {listed}")
+            raise PIPOError(f"{where}: expected a {field!r} key or exactly one entry in '{field}s', got {listed}")
         identity[field] = value if value is not None else listed[0]
     k = summary.get("k")
     benchmarks = summary.get("benchmarks")
     if not isinstance(k, int) or not isinstance(benchmarks, Mapping):
-        raise ValueError(f"{where}: a scorer summary needs an integer 'k' and a 'benchmarks' object")
+        raise PIPOError(f"{where}: a scorer summary needs an integer 'k' and a 'benchmarks' object")
     rows = []
     for name, metrics in benchmarks.items():
         speed = metrics.get("speed") or {}
@@ -162,13 +163,13 @@ def load_metrics(sources: Iterable[str | Path]) -> list[dict[str, Any]]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+            raise PIPOError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
         if isinstance(data, dict) and "benchmarks" in data:
             items = rows_from_summary(data, str(path))
         else:
             items = data.get("rows", [data]) if isinstance(data, dict) else data
         if not isinstance(items, list):
-            raise ValueError(f"{path}: expected a summary, a row, a list of rows or {{'rows': [...]}}")
+            raise PIPOError(f"{path}: expected a summary, a row, a list of rows or {{'rows': [...]}}")
         rows.extend(check_row(item, f"{path}: row {i}") for i, item in enumerate(items))
     return fill_speedups(rows)
 
@@ -202,14 +203,14 @@ def build_main_table(
     """
     rows = [check_row(r, f"metrics row {i}") for i, r in enumerate(metrics_rows)]
     if not rows:
-        raise ValueError("no metric rows to report")
+        raise PIPOError("no metric rows to report")
     models = _ordered(r["model"] for r in rows)
     methods = _ordered((r["method"] for r in rows), method_order)
     benchmarks = _ordered((r["benchmark"] for r in rows), benchmark_order)
     ks = {b: {int(r["k"]) for r in rows if r["benchmark"] == b} for b in benchmarks}
     for bench, k_values in ks.items():
         if len(k_values) != 1:
-            raise ValueError(f"benchmark {bench!r} has rows with different k: {sorted(k_values)}")
+            raise PIPOError(f"benchmark {bench!r} has rows with different k: {sorted(k_values)}")
     k_of = {b: k_values.pop() for b, k_values in ks.items()}
     overall_k = k_of[benchmarks[0]] if len(set(k_of.values())) == 1 else None
 
@@ -219,7 +220,7 @@ def build_main_table(
         avg, pas = _metric_labels(k_of[bench])
         slot = cells.setdefault(key, {})
         if (bench, avg) in slot:
-            raise ValueError(f"duplicate metrics for model={key[0]!r} method={key[1]!r} benchmark={bench!r}")
+            raise PIPOError(f"duplicate metrics for model={key[0]!r} method={key[1]!r} benchmark={bench!r}")
         slot[(bench, avg)] = r["avg_at_k"] * scale
         slot[(bench, pas)] = r["pass_at_k"] * scale if r["pass_at_k"] is not None else math.nan
     columns = [(b, label) for b in benchmarks for label in _metric_labels(k_of[b])]

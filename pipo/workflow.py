@@ -153,21 +153,23 @@ def generate_shard(
     """Decode shard `shard` of `shards` of a records JSONL into `output`.
 
     Rows go to `<output>.partial` (resumed by `pipo generate` if a killed job reruns:
-    Snakemake only deletes declared outputs) and are renamed into place when complete.
+    Snakemake only deletes declared outputs; a partial made with other settings starts
+    over) and are renamed into place, with their settings sidecar, when complete.
     Prompts marked for truncation (LongBench v2) are first fitted to the section's prompt
     budget with the model's tokenizer (`pipo.eval.truncation`).
     """
     from pipo.data.build import shard as take_shard
     from pipo.data.records import read_jsonl, write_jsonl
     from pipo.eval.truncation import fit_to_model
+    from pipo.provenance import move_with_meta
 
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
     shard_input = output.with_name(output.name + ".input.jsonl")
     write_jsonl(shard_input, fit_to_model(take_shard(read_jsonl(records), shard, shards), model, section))
     run_cli(["generate", "--model", str(model), "--method", method, "--input", str(shard_input),
-             "--output", str(partial), *generate_args(section)])
-    partial.rename(output)
+             "--output", str(partial), "--overwrite", *generate_args(section)])
+    move_with_meta(partial, output)
     shard_input.unlink()
     return output
 

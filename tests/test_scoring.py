@@ -164,10 +164,11 @@ def test_worker_processes_keep_rows_before_a_bad_record_and_match_one_process(tm
     assert score_generations(_write(gens, records), scores, metrics_path, progress=False) == reference
 
 
-def test_duplicate_problems_are_scored_once(tmp_path):
-    gens = _write(tmp_path / "gens.jsonl", [_math(1), _math(1), _mcq(1)])
-    metrics = score_generations(gens, tmp_path / "s.jsonl", tmp_path / "m.json", progress=False)
-    assert _ids(tmp_path / "s.jsonl") == ["m1", "q1"] and metrics["num_problems"] == 2
+def test_duplicate_problems_are_an_error_naming_both_lines(tmp_path):
+    gens = _write(tmp_path / "gens.jsonl", [_math(1), _mcq(1), _math(1)])
+    with pytest.raises(RecordError, match=r"gens.jsonl:3: id: duplicate problem 'm1' .*first on line 1"):
+        score_generations(gens, tmp_path / "s.jsonl", tmp_path / "m.json", progress=False)
+    assert _ids(tmp_path / "s.jsonl") == ["m1", "q1"]
 
 
 def test_cli_score(tmp_path, capsys):

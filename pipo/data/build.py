@@ -17,14 +17,16 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pipo.data.records import Record, numbered_jsonl
-from pipo.errors import PIPOError
+from pipo.data.records import Record, numbered_jsonl, write_jsonl
+from pipo.errors import InputError, PIPOError
 
 FINISHED = ("eos", "stop")  # engine finish reasons of a completion that ended by itself
 RL_SPLIT = "rl"
 SFTMode = Literal["shortest", "all"]
+KINDS = ("sft", "rl")
+FORMAT = "pipo-data/1"
 
 # Degeneracy: text long enough to judge that zlib squeezes below this ratio is a loop
 # ("so so so ...", a repeated paragraph). Normal reasoning compresses to ~0.3-0.5.
@@ -58,11 +60,16 @@ def is_degenerate(text: str, min_chars: int = MIN_JUDGED_CHARS, max_ratio: float
 
 def _scores_by_id(paths: Iterable[str | Path]) -> dict[str, list[bool]]:
     verdicts: dict[str, list[bool]] = {}
+    first: dict[str, str] = {}
     for path in paths:
         for lineno, row in numbered_jsonl(path):
             if "id" not in row or not isinstance(row.get("correct"), list):
                 raise PIPOError(f"{path}:{lineno}: a scores row needs 'id' and a 'correct' list")
-            verdicts[str(row["id"])] = [bool(c) for c in row["correct"]]
+            key = str(row["id"])
+            if key in first:
+                raise InputError(f"duplicate id {key!r} (first at {first[key]})", file=path, row=lineno, field="id")
+            first[key] = f"{path}:{lineno}"
+            verdicts[key] = [bool(c) for c in row["correct"]]
     return verdicts
 
 
@@ -70,9 +77,14 @@ def load_graded(rollouts: Sequence[str | Path], scores: Sequence[str | Path]) ->
     """Join rollout rows with their verdicts by id; a rollout without a verdict is an error naming it."""
     verdicts = _scores_by_id(scores)
     graded = []
+    first: dict[str, str] = {}
     for path in rollouts:
         for lineno, row in numbered_jsonl(path):
             where = f"{path}:{lineno}"
+            if str(row.get("id")) in first:
+                raise InputError(f"duplicate id {row['id']!r} (first at {first[str(row['id'])]})", file=path,
+                                 row=lineno, field="id")
+            first[str(row.get("id"))] = where
             completions, reasons = row.get("completions"), row.get("finish_reasons")
             if "id" not in row or not isinstance(completions, list) or not isinstance(reasons, list):
                 raise PIPOError(f"{where}: a rollout row needs 'id', 'completions' and 'finish_reasons'")
@@ -123,3 +135,44 @@ def shard(rows: Sequence[Any], index: int, count: int) -> list[Any]:
     if not 0 <= index < count:
         raise PIPOError(f"shard index must be in [0, {count}), got {index}")
     return list(rows[index::count])
+
+
+class BuiltData(NamedTuple):
+    graded: list[Graded]
+    rows: list[dict[str, Any]]
+    written: bool
+
+
+def build_data_file(
+    kind: str,
+    rollouts: Sequence[str | Path],
+    scores: Sequence[str | Path],
+    output: str | Path,
+    *,
+    sft_selection: SFTMode = "shortest",
+    rl_min_accuracy: float = 0.5,
+    overwrite: bool = False,
+) -> BuiltData:
+    """Write SFT (`kind="sft"`) or RL rows from graded rollouts to `output`, with its settings sidecar.
+
+    An output already built from the same inputs and settings is kept (`written` False);
+    one built otherwise is an error unless `overwrite`.
+    """
+    from pipo.provenance import sha256_file, start_or_resume
+
+    if kind not in KINDS:
+        raise PIPOError(f"kind must be one of {KINDS}, got {kind!r}")
+    settings = {
+        "format": FORMAT,
+        "kind": kind,
+        "selection": sft_selection if kind == "sft" else rl_min_accuracy,
+        "rollouts_sha256": [sha256_file(p) for p in rollouts],
+        "scores_sha256": [sha256_file(p) for p in scores],
+    }
+    graded = load_graded(rollouts, scores)  # inputs checked before the output is touched
+    rows = sft_rows(graded, sft_selection) if kind == "sft" else rl_rows(graded, rl_min_accuracy)
+    info = {"rollouts": [str(p) for p in rollouts], "scores": [str(p) for p in scores]}
+    if start_or_resume(output, settings, info, overwrite=overwrite):
+        return BuiltData(graded, rows, written=False)
+    write_jsonl(output, rows)
+    return BuiltData(graded, rows, written=True)

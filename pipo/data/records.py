@@ -102,30 +102,41 @@ def code_tests(
 
 
 def validate_record(record: Mapping[str, Any], where: str = "record") -> None:
-    """Raise ValueError naming `where` and the field when a record breaks the contract."""
+    """Raise PIPOError (a ValueError) naming `where` and the field when a record breaks the contract."""
     for key, kind in (("id", str), ("benchmark", str), ("prompt", str), ("metadata", dict)):
         if not isinstance(record.get(key), kind):
-            raise ValueError(f"{where}: field {key!r} must be a {kind.__name__}, got {record.get(key)!r:.80}")
+            raise PIPOError(f"{where}: field {key!r} must be a {kind.__name__}, got {record.get(key)!r:.80}")
     grader = record["metadata"].get("grader")
     if grader not in GRADERS:
-        raise ValueError(f"{where}: metadata.grader must be one of {GRADERS}, got {grader!r}")
+        raise PIPOError(f"{where}: metadata.grader must be one of {GRADERS}, got {grader!r}")
     answer, tests = record.get("answer"), record.get("tests")
     if grader in ("math", "mcq") and not isinstance(answer, str):
-        raise ValueError(f"{where}: a {grader} record needs a string 'answer', got {answer!r}")
+        raise PIPOError(f"{where}: a {grader} record needs a string 'answer', got {answer!r}")
     if grader == "mcq":
         choices = record["metadata"].get("choices")
         if not isinstance(choices, list) or answer not in LETTERS[: len(choices)]:
-            raise ValueError(f"{where}: an mcq record needs metadata.choices and a letter answer within them")
+            raise PIPOError(f"{where}: an mcq record needs metadata.choices and a letter answer within them")
     if grader == "code":
-        if not isinstance(tests, dict) or tests.get("format") not in TEST_FORMATS:
-            raise ValueError(f"{where}: a code record needs 'tests' with format in {TEST_FORMATS}")
-        if len(tests.get("inputs", [])) != len(tests.get("outputs", [])):
-            raise ValueError(f"{where}: tests.inputs and tests.outputs differ in length")
-        if tests.get("language", "python") not in CODE_LANGUAGES:
-            raise ValueError(f"{where}: tests.language must be one of {CODE_LANGUAGES}, got {tests.get('language')!r}")
-        mode = tests.get("input_mode", "stdio")
-        if mode not in INPUT_MODES or (mode == "file") != bool(tests.get("input_file") and tests.get("output_file")):
-            raise ValueError(f"{where}: tests.input_mode must be 'stdio', or 'file' with input_file and output_file")
+        check_tests(tests, where)
+
+
+def check_tests(tests: Any, where: str) -> None:
+    """A code record's `tests`: a format in TEST_FORMATS and equally long lists of strings (a string
+    would be iterated character by character, each character a "test")."""
+    if not isinstance(tests, dict) or tests.get("format") not in TEST_FORMATS:
+        raise PIPOError(f"{where}: tests: a code record needs 'tests' with format in {TEST_FORMATS}")
+    for key in ("inputs", "outputs"):
+        values = tests.get(key)
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise PIPOError(f"{where}: tests.{key}: must be a list of strings, got {type(values).__name__}")
+    if len(tests["inputs"]) != len(tests["outputs"]):
+        raise PIPOError(f"{where}: tests: inputs and outputs differ in length "
+                        f"({len(tests['inputs'])} vs {len(tests['outputs'])})")
+    if tests.get("language", "python") not in CODE_LANGUAGES:
+        raise PIPOError(f"{where}: tests.language: must be one of {CODE_LANGUAGES}, got {tests.get('language')!r}")
+    mode = tests.get("input_mode", "stdio")
+    if mode not in INPUT_MODES or (mode == "file") != bool(tests.get("input_file") and tests.get("output_file")):
+        raise PIPOError(f"{where}: tests.input_mode: must be 'stdio', or 'file' with input_file and output_file")
 
 
 # ------------------------------------------------------------------------ prompts
@@ -252,22 +263,32 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-def numbered_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(line number, object)` of a JSONL file; a bad line raises naming file and line."""
+def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield `(line number, text)` of a UTF-8 text file; bytes that are not UTF-8 raise naming the line."""
     path = Path(path)
     if not path.is_file():
         raise PIPOError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PIPOError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise PIPOError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PIPOError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                f"{exc.start + 1})") from None
+
+
+def numbered_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(line number, object)` of a JSONL file; a bad line raises naming file and line."""
+    for lineno, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PIPOError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise PIPOError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -333,7 +354,7 @@ def _builder_for(files: Sequence[Path]) -> str:
     suffixes = {p.suffix.lower() for p in files}
     builders = {_BUILDERS.get(s) for s in suffixes}
     if len(builders) != 1 or None in builders:
-        raise ValueError(f"cannot read data files with suffixes {sorted(suffixes)}: {[str(p) for p in files]}")
+        raise PIPOError(f"cannot read data files with suffixes {sorted(suffixes)}: {[str(p) for p in files]}")
     return builders.pop()
 
 
@@ -406,9 +427,9 @@ def snapshot(repo: str, patterns: Sequence[str], *, revision: str | None = None)
 
 
 def require(row: Mapping[str, Any], field: str, where: str) -> Any:
-    """A row's field, or a ValueError naming the dataset row and the missing field."""
+    """A row's field, or a PIPOError naming the dataset row and the missing field."""
     if field not in row or row[field] is None:
-        raise ValueError(f"{where}: missing field {field!r} (fields present: {sorted(row)})")
+        raise PIPOError(f"{where}: missing field {field!r} (fields present: {sorted(row)})")
     return row[field]
 
 
@@ -439,7 +460,7 @@ def normalise_rows(
         if record is None:
             continue
         if record["id"] in seen:
-            raise ValueError(f"{row_where}: duplicate id {record['id']!r}")
+            raise PIPOError(f"{row_where}: duplicate id {record['id']!r}")
         seen.add(record["id"])
         records.append(record)
     return records

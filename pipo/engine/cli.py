@@ -1,26 +1,39 @@
 """`pipo generate`: JSONL prompts in, JSONL completions with statistics out (contract), resumable.
 
-Input rows hold `prompt` (text; the chat template is applied) or `messages`. Each output
-row is its input row plus `row` (input index), `method`, `model`, `completions`, `token_ids`,
-`finish_reasons` and `stats` (one dict per completion). Rows are appended one by one
-(flushed and synced), so rerunning with the same output skips rows already written (by
-`id`, else by `row`) and repairs a last line cut short by a crash.
+Input rows hold `prompt` (text; the chat template is applied) or `messages` (`role` and
+`content` strings); ids, when given, are unique. Each output row is its input row plus
+`row` (input index), `method`, `model`, `completions`, `token_ids`, `finish_reasons` and
+`stats` (one dict per completion). Rows are appended one by one (flushed and synced).
+
+Resume: the output's sidecar `<output>.meta.json` (see `pipo.provenance`) holds the
+settings that made it (model fingerprint, method, sampling, seed, threshold, input
+sha256, format). A rerun with the same settings skips rows already written (by `id`,
+else by `row`) and repairs a last line cut short by a crash; other settings are refused
+unless `--overwrite`. Row `i` is sampled with the seed `derive_seed(seed, i)`, so a
+resumed run writes the rows the uninterrupted run would have written.
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+import math
+import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from pipo.engine.parts import METHODS
 from pipo.data.records import append_jsonl, drop_partial_last_line, iter_jsonl, numbered_jsonl
-from pipo.errors import PIPOError
+from pipo.engine.parts import METHODS, encode_prompt, load_tokenizer
+from pipo.errors import InputError, PIPOError
 from pipo.model.sampling import SamplingParams
+from pipo.provenance import derive_seed, exit_after_rows_for_test, model_fingerprint, sha256_file, start_or_resume
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FORMAT = "pipo-generations/2"
+ROLES = ("system", "user", "assistant", "tool")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+MAX_N = 1024  # samples per prompt; more is a typo, not an experiment
 
 
 def register(subparsers) -> None:
@@ -29,6 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--input", required=True, type=Path)
     p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true", help="start over when the output was made with other settings")
     p.add_argument("--conf-threshold", type=float, default=0.5, help="pipo: keep token2 when confidence >= T")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -46,23 +60,127 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     p.add_argument("--backend", choices=("native", "sglang"), default="native")
-    p.set_defaults(func=run)
+    p.set_defaults(func=generate_file)
+
+
+# ------------------------------------------------------------------ checks at the edge
+
+
+def check_options(args: argparse.Namespace) -> SamplingParams:
+    """Sampling parameters finite and in range, counts positive and bounded; the sampling params."""
+    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.presence_penalty)
+    if not math.isfinite(args.conf_threshold):
+        raise PIPOError(f"--conf-threshold must be a finite number, got {args.conf_threshold}")
+    for flag, value, low, high in (("--n", args.n, 1, MAX_N), ("--max-new-tokens", args.max_new_tokens, 1, None),
+                                   ("--batch-size", args.batch_size, 1, None), ("--eagle-k", args.eagle_k, 1, 64),
+                                   ("--max-seq-len", args.max_seq_len, 2, None)):
+        if value < low or (high is not None and value > high):
+            raise PIPOError(f"{flag} must be in [{low}, {high or 'inf'}], got {value}")
+    if any(t < 0 for t in args.stop_token_id):
+        raise PIPOError(f"--stop-token-id must be >= 0, got {args.stop_token_id}")
+    return sampling
+
+
+def check_device(device: str | None) -> torch.device:
+    """The device to run on; a CUDA device without CUDA (or a malformed name) is an error."""
+    try:
+        resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise PIPOError(f"--device {device!r} is not a device name ({err})") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PIPOError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise PIPOError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
+def text_config(model: Path) -> dict:
+    """The checkpoint folder's (text) config; a missing folder, config or tokenizer is an error naming it."""
+    if not model.is_dir():
+        raise InputError("no such model folder", file=model)
+    config_file = model / "config.json"
+    if not config_file.is_file():
+        raise InputError("not a checkpoint folder (no config.json)", file=model)
+    if not any((model / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); prompts need one "
+                         "(save the backbone's tokenizer next to the weights)", file=model)
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    return config.get("text_config") or config
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of the device: CUDA's free bytes, else the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_sizes(model: Path, config: dict, args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse `--max-seq-len` beyond the model's positions and caches that cannot fit, with the numbers."""
+    limit = config.get("max_position_embeddings")
+    if limit and args.max_seq_len > limit:
+        raise PIPOError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position_embeddings {limit}")
+    heads = config.get("num_attention_heads") or 1
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads)
+    layer_types = config.get("layer_types") or ["full_attention"] * config.get("num_hidden_layers", 0)
+    attention_layers = sum(t == "full_attention" for t in layer_types) + 1  # + an MTP/draft layer
+    dtype = DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv_bytes = 2 * args.batch_size * args.max_seq_len * attention_layers * kv_heads * head_dim * elem
+    weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    free = available_bytes(device)
+    if kv_bytes + weights > free:
+        gib = 1 << 30
+        raise PIPOError(
+            f"--batch-size {args.batch_size} x --max-seq-len {args.max_seq_len} needs {kv_bytes / gib:.1f} GiB of "
+            f"KV cache ({attention_layers} attention layers x {kv_heads} KV heads x {head_dim} dims, {dtype}) plus "
+            f"{weights / gib:.1f} GiB of weights; {device.type} has {free / gib:.1f} GiB free: lower them")
+
+
+def check_messages(messages: object, path: Path, lineno: int) -> None:
+    """A chat: a non-empty list of {"role": one of ROLES, "content": str} objects."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError("must be a non-empty list of {role, content} objects", file=path, row=lineno,
+                         field="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InputError(f"must be an object, got {type(message).__name__}", file=path, row=lineno,
+                             field=f"messages[{i}]")
+        if message.get("role") not in ROLES:
+            raise InputError(f"must be one of {', '.join(ROLES)}, got {message.get('role')!r}", file=path,
+                             row=lineno, field=f"messages[{i}].role")
+        if not isinstance(message.get("content"), str):
+            raise InputError(f"must be a string, got {type(message.get('content')).__name__}", file=path,
+                             row=lineno, field=f"messages[{i}].content")
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Input rows; a malformed one is an error naming the file and line."""
-    rows = []
+    """Input rows; a malformed row or a repeated id is an error naming the file, line and field."""
+    rows, first_line = [], {}
     for lineno, row in numbered_jsonl(path):
-        prompt = row.get("prompt")
-        messages = row.get("messages")
-        good_prompt = isinstance(prompt, str) and bool(prompt.strip())
-        good_messages = isinstance(messages, list) and bool(messages) and all(
-            isinstance(m, dict) and "content" in m for m in messages
-        )
-        if not (good_prompt or good_messages):
-            raise PIPOError(f"{path}:{lineno}: a row needs a non-empty 'prompt' string or a 'messages' list")
+        if "messages" in row:
+            check_messages(row["messages"], path, lineno)
+        elif not (isinstance(row.get("prompt"), str) and row["prompt"].strip()):
+            raise InputError("a row needs a non-empty 'prompt' string or a 'messages' list", file=path,
+                             row=lineno, field="prompt")
+        if "id" in row:
+            if row["id"] in first_line:
+                raise InputError(f"duplicate id {row['id']!r} (first on line {first_line[row['id']]})", file=path,
+                                 row=lineno, field="id")
+            first_line[row["id"]] = lineno
         rows.append({"row": row, "lineno": lineno})
     return rows
+
+
+# ------------------------------------------------------------------ resume
 
 
 def row_key(row: dict, index: int):
@@ -77,55 +195,88 @@ def done_keys(path: Path) -> set:
     return {row["id"] if "id" in row else row["row"] for row in iter_jsonl(path)}
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return generate_file(args)
-    except PIPOError as err:
-        print(f"pipo generate: error: {err}", file=sys.stderr)
-        return 2
+def run_settings(args: argparse.Namespace, sampling: SamplingParams) -> dict:
+    """What makes the rows: compared with the output's sidecar before resuming."""
+    return {
+        "format": FORMAT,
+        "model": model_fingerprint(args.model),
+        "method": args.method,
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                     "min_p": sampling.min_p, "presence_penalty": sampling.presence_penalty},
+        "n": args.n,
+        "max_new_tokens": args.max_new_tokens,
+        "max_seq_len": args.max_seq_len,
+        "seed": args.seed,
+        "conf_threshold": args.conf_threshold,
+        "eagle_k": args.eagle_k,
+        "stop": list(args.stop),
+        "stop_token_ids": list(args.stop_token_id),
+        "input_sha256": sha256_file(args.input),
+    }
+
+
+def encode_row(tokenizer, row: dict, args: argparse.Namespace) -> list[int]:
+    """A row's prompt ids; an empty prompt or one that leaves no room to generate is an error naming the line."""
+    ids = encode_prompt(tokenizer, row["row"].get("messages") or row["row"]["prompt"])
+    field = "messages" if "messages" in row["row"] else "prompt"
+    if len(ids) + len(ids) % 2 >= args.max_seq_len:
+        raise InputError(f"{len(ids)} tokens leave no room to generate within --max-seq-len {args.max_seq_len} "
+                         "(max_seq_len holds prompt and completion together)", file=args.input, row=row["lineno"],
+                         field=field)
+    return ids
+
+
+def generate_row(engine, prompt: list[int], sampling: SamplingParams, seed: int, args: argparse.Namespace):
+    """The `n` completions of one row, from the row's own seed.
+
+    One engine call per row keeps a row's samples independent of which other rows share
+    the batch (the engine's generator is shared by the slots of a call); an engine with
+    per-request seeds can take several rows per call here instead.
+    """
+    return engine.generate([prompt], sampling, max_new_tokens=args.max_new_tokens, n=args.n, stop=args.stop,
+                           stop_token_ids=args.stop_token_id, seed=seed)[0]
 
 
 def generate_file(args: argparse.Namespace) -> int:
-    """Validate everything before loading the model; generate missing rows in chunks; append each row."""
+    """Validate everything before loading the model; generate the missing rows; append each row."""
     from pipo.engine.engine import open_engine
 
-    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.presence_penalty)
-    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise PIPOError("--n, --max-new-tokens and --batch-size must be >= 1")
+    sampling = check_options(args)
+    device = check_device(args.device)
+    model = Path(args.model)
+    check_sizes(model, text_config(model), args, device)
     rows = read_rows(args.input)
-    done = done_keys(args.output)
-    todo = [(i, r) for i, r in enumerate(rows) if row_key(r["row"], i) not in done]
+    tokenizer = load_tokenizer(model)
+    prompts = [encode_row(tokenizer, r, args) for r in rows]
+    info = {"model_path": str(model), "input": str(args.input), "device": str(device), "batch_size": args.batch_size}
+    resumed = start_or_resume(args.output, run_settings(args, sampling), info, overwrite=args.overwrite)
+    done = done_keys(args.output) if resumed else set()
+    todo = [(i, r, prompts[i]) for i, r in enumerate(rows) if row_key(r["row"], i) not in done]
     if not todo:
         return 0
     engine = open_engine(
-        args.model, args.method, args.backend, device=args.device, dtype=DTYPES[args.dtype],
+        model, args.method, args.backend, tokenizer=tokenizer, device=device, dtype=DTYPES[args.dtype],
         max_batch_size=args.batch_size, max_seq_len=args.max_seq_len, conf_threshold=args.conf_threshold,
         eagle_k=args.eagle_k,
     )
-    prompts = []
-    for _, r in todo:
-        prompt = r["row"].get("messages") or r["row"]["prompt"]
-        ids = engine.encode(prompt)
+    for _, r, ids in todo:
         engine.check_prompt(ids, f"{args.input}:{r['lineno']}: prompt")
-        prompts.append(ids)
-    chunk = max(1, 4 * args.batch_size // args.n)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "a") as f, tqdm(total=len(todo), desc=f"pipo generate ({args.method})") as bar:
-        for lo in range(0, len(todo), chunk):
-            results = engine.generate(
-                prompts[lo : lo + chunk], sampling, max_new_tokens=args.max_new_tokens, n=args.n, stop=args.stop,
-                stop_token_ids=args.stop_token_id, seed=args.seed + lo,
-            )
-            for (index, r), completions in zip(todo[lo : lo + chunk], results):
-                append_jsonl(f, {
-                    **r["row"],
-                    "row": index,
-                    "method": args.method,
-                    "model": str(args.model),
-                    "completions": [c.text for c in completions],
-                    "token_ids": [c.token_ids for c in completions],
-                    "finish_reasons": [c.finish_reason for c in completions],
-                    "stats": [c.stats.to_dict() for c in completions],
-                })
-                bar.update(1)
+    with open(args.output, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"pipo generate ({args.method})") as bar:
+        for written, (index, r, ids) in enumerate(todo, start=1):
+            completions = generate_row(engine, ids, sampling, derive_seed(args.seed, index), args)
+            append_jsonl(f, {
+                **r["row"],
+                "row": index,
+                "method": args.method,
+                "model": str(args.model),
+                "completions": [c.text for c in completions],
+                "token_ids": [c.token_ids for c in completions],
+                "finish_reasons": [c.finish_reason for c in completions],
+                "stats": [c.stats.to_dict() for c in completions],
+            })
+            bar.update(1)
+            exit_after_rows_for_test(written)
     return 0

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from pipo.errors import PIPOError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,6 +78,8 @@ def _add_score(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--unsafe-no-sandbox", action="store_true",
                         help="if bubblewrap cannot isolate model-written code, run it anyway WITHOUT a "
                              "sandbox (it can then read and change your files); recorded in the metrics")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over when the scores were made for other completions or grading settings")
     parser.add_argument("--model-label", default=None, help="model name for the results table (default: from the rows)")
     parser.add_argument("--method-label", default=None,
                         help="method name for the results table, e.g. pipo-sft (default: from the rows)")
@@ -82,20 +87,19 @@ def _add_score(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from pipo.eval.sandbox import SandboxConfig, SandboxUnavailable  # heavy imports only when used
-    from pipo.eval.scoring import RecordError, score_generations
+    from pipo.eval.sandbox import SandboxConfig  # heavy imports only when used
+    from pipo.eval.scoring import score_generations
 
+    most = 4 * (os.cpu_count() or 1)
+    if args.workers > most:
+        raise PIPOError(f"--workers {args.workers}: this machine has {os.cpu_count()} CPUs; use at most {most}")
     sandbox = SandboxConfig(unsafe_no_sandbox=args.unsafe_no_sandbox)
     if args.unsafe_no_sandbox:
         print("pipo score: WARNING: --unsafe-no-sandbox: if bubblewrap does not work, model-written code "
               "runs WITHOUT isolation", file=sys.stderr)
-    try:
-        metrics = score_generations(args.generations, args.scores, args.metrics, k=args.k,
-                                    workers=args.workers, sandbox=sandbox, progress=not args.no_progress,
-                                    model_label=args.model_label, method_label=args.method_label)
-    except (RecordError, SandboxUnavailable) as e:
-        print(f"pipo score: error: {e} (rows scored so far are kept in {args.scores})", file=sys.stderr)
-        return 2
+    metrics = score_generations(args.generations, args.scores, args.metrics, k=args.k, workers=args.workers,
+                                sandbox=sandbox, progress=not args.no_progress, model_label=args.model_label,
+                                method_label=args.method_label, overwrite=args.overwrite)
     print(json.dumps({"overall": metrics["overall"], "num_problems": metrics["num_problems"],
                       "code_sandbox": metrics["code_sandbox"]}, indent=2))
     return 0

@@ -5,11 +5,18 @@ Resumable: each scored row is flushed as one line, so a killed run restarts wher
 stopped (a half-written last line is cut off, problems already scored are skipped, none
 is scored twice). Metrics are always computed from the whole scores file, so a resumed
 run ends with the same metrics as an uninterrupted one.
+
+A verdict is kept only for the completions it judged: each scores row holds the sha256
+of its completions (`completions_sha256`), and the sidecar `<scores>.meta.json` the
+grading settings (see `pipo.provenance`). Resuming against other completions or other
+grading settings is an error naming the row, unless `overwrite` (then scoring starts over).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import multiprocessing
 import os
 from collections import deque
@@ -21,14 +28,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipo.data.records import append_jsonl, drop_partial_last_line, write_json
-from pipo.errors import PIPOError
+from pipo.data.records import append_jsonl, check_tests, drop_partial_last_line, numbered_lines, write_json
+from pipo.errors import InputError, PIPOError
 from pipo.eval.graders import DEFAULT_MATH_TIMEOUT_S, grade, grader_for
 from pipo.eval.metrics import summarize
 from pipo.eval.sandbox import SandboxConfig, SandboxUnavailable, die_with_parent, sandbox_mode
+from pipo.provenance import exit_after_rows_for_test, sha256_json, start_or_resume
 
 log = logging.getLogger(__name__)
 
+FORMAT = "pipo-scores/2"
 _REQUIRED_STATS = ("ttft_s", "latency_s", "emitted_tokens")
 _OPTIONAL_STATS = ("prompt_tokens", "pad_tokens", "forward_passes", "drafted", "accepted")
 
@@ -53,6 +62,7 @@ def score_generations(
     progress: bool = True,
     model_label: str | None = None,
     method_label: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Grade ``generations_path`` into ``scores_path`` (resuming it) and write metrics.
 
@@ -64,17 +74,24 @@ def score_generations(
     malformed generation record, after saving every row scored before it.
     """
     if k < 1 or workers < 1:
-        raise ValueError(f"k and workers must be >= 1, got k={k}, workers={workers}")
-    scores_path, metrics_path = Path(scores_path), Path(metrics_path)
+        raise PIPOError(f"--k and --workers must be >= 1, got k={k}, workers={workers}")
+    if not math.isfinite(math_timeout_s) or math_timeout_s <= 0:
+        raise PIPOError(f"math_timeout_s must be a finite number > 0, got {math_timeout_s}")
+    generations_path, scores_path, metrics_path = Path(generations_path), Path(scores_path), Path(metrics_path)
+    if not generations_path.is_file():
+        raise PIPOError(f"{generations_path}: no such file")
     scores_path.parent.mkdir(parents=True, exist_ok=True)
-    scored = {_key(row) for row in read_scores(scores_path, repair=True)}
-    jobs = _pending_jobs(Path(generations_path), scored)
+    settings = {"format": FORMAT, "math_timeout_s": math_timeout_s, "sandbox": _sandbox_settings(sandbox)}
+    resumed = start_or_resume(scores_path, settings, {"generations": str(generations_path)}, overwrite=overwrite)
+    scored = _scored_hashes(scores_path) if resumed else {}
+    jobs = _pending_jobs(generations_path, scores_path, scored)
     score = partial(_score_job, sandbox=sandbox, math_timeout_s=math_timeout_s)
     with scores_path.open("a", encoding="utf-8") as out:
         bar = tqdm(_ordered_map(score, jobs, workers), desc="score", unit="problem",
                    initial=len(scored), disable=not progress)
-        for row in bar:
+        for written, row in enumerate(bar, start=1):
             append_jsonl(out, row)
+            exit_after_rows_for_test(written)
     metrics = summarize(read_scores(scores_path), k)
     metrics["code_sandbox"] = _sandbox_description(sandbox or SandboxConfig())
     labels = {"model": model_label, "method": method_label}
@@ -94,19 +111,18 @@ def read_scores(path: str | os.PathLike, repair: bool = False) -> list[dict[str,
     if repair and (dropped := drop_partial_last_line(path)):
         log.warning("%s: dropped a partial last line (%d bytes)", path, dropped)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if not line.endswith("\n"):
-                raise RecordError(path, number, "truncated scores row (run was killed?)")
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(path, number, f"invalid JSON in scores row: {e}") from None
-            if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("correct"), list):
-                raise RecordError(path, number, "scores row without 'id' and 'correct' list")
-            rows.append(row)
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        if not line.endswith("\n"):
+            raise RecordError(path, number, "truncated scores row (run was killed?)")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(path, number, f"invalid JSON in scores row: {e}") from None
+        if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("correct"), list):
+            raise RecordError(path, number, "scores row without 'id' and 'correct' list")
+        rows.append(row)
     return rows
 
 
@@ -114,18 +130,41 @@ def _key(row: Mapping[str, Any]) -> tuple[str, str]:
     return str(row.get("benchmark")), str(row["id"])
 
 
-def _pending_jobs(path: Path, scored: set[tuple[str, str]]) -> Iterator[dict[str, Any]]:
-    """Validated grading jobs for records not scored yet (each problem once)."""
-    seen = set(scored)
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            job = _job_from_line(path, number, line)
-            if _key(job) in seen:
-                continue
-            seen.add(_key(job))
-            yield job
+def _sandbox_settings(sandbox: SandboxConfig | None) -> dict[str, Any] | None:
+    """The sandbox limits that change verdicts (not the interpreter's path, which differs between venvs)."""
+    if sandbox is None:
+        return None
+    return {k: v for k, v in dataclasses.asdict(sandbox).items() if k != "python"}
+
+
+def _scored_hashes(path: Path) -> dict[tuple[str, str], tuple[int, str | None]]:
+    """(benchmark, id) -> (scores line, completions sha256) of the rows already scored (cut last line repaired)."""
+    return {_key(row): (number, row.get("completions_sha256"))
+            for number, row in enumerate(read_scores(path, repair=True), start=1)}
+
+
+def _pending_jobs(path: Path, scores_path: Path,
+                  scored: Mapping[tuple[str, str], tuple[int, str | None]]) -> Iterator[dict[str, Any]]:
+    """Validated grading jobs for records not scored yet; a repeated problem, or one scored for other
+    completions, is an error naming both places."""
+    first: dict[tuple[str, str], int] = {}
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        job = _job_from_line(path, number, line)
+        key = _key(job)
+        if key in first:
+            raise RecordError(path, number, f"id: duplicate problem {key[1]!r} of {key[0]!r} "
+                                            f"(first on line {first[key]})")
+        first[key] = number
+        if key in scored:
+            scores_line, digest = scored[key]
+            if digest != job["completions_sha256"]:
+                raise InputError(f"the verdicts of {key[1]!r} were made for other completions than those on "
+                                 f"{path}:{number}; pass --overwrite to start over", file=scores_path,
+                                 row=scores_line, field="completions_sha256")
+            continue
+        yield job
 
 
 def _job_from_line(path: Path, number: int, line: str) -> dict[str, Any]:
@@ -154,12 +193,18 @@ def _job_from_line(path: Path, number: int, line: str) -> dict[str, Any]:
         raise fail(str(e)) from None
     if grader in ("math", "mcq") and not isinstance(record.get("answer"), str):
         raise fail(f"{grader} grading needs a string 'answer', got {record.get('answer')!r}")
-    if grader == "code" and not isinstance(record.get("tests"), dict):
-        raise fail("code grading needs a 'tests' object")
+    if grader == "code":
+        if not isinstance(record.get("tests"), dict):
+            raise fail("code grading needs a 'tests' object")
+        try:
+            check_tests(record["tests"], "tests")
+        except PIPOError as e:
+            raise fail(str(e)) from None
     stats = _checked_stats(record.get("stats"), len(completions), fail)
     return {"id": record["id"], "benchmark": record["benchmark"], "method": record.get("method"),
             "model": record.get("model"), "grader": grader, "answer": record.get("answer"),
-            "tests": record.get("tests"), "completions": completions, "stats": stats}
+            "tests": record.get("tests"), "completions": completions, "stats": stats,
+            "completions_sha256": sha256_json(completions)}
 
 
 def _checked_stats(stats: Any, n: int, fail: Callable[[str], RecordError]) -> list[dict[str, Any]]:
@@ -186,7 +231,8 @@ def _score_job(job: Mapping[str, Any], sandbox: SandboxConfig | None, math_timeo
     return {"id": job["id"], "benchmark": job["benchmark"], "method": job["method"],
             "model": job["model"], "grader": job["grader"],
             "correct": [r.correct for r in results], "reasons": [r.reason for r in results],
-            "verdicts": [list(r.verdicts) for r in results], "stats": job["stats"]}
+            "verdicts": [list(r.verdicts) for r in results], "stats": job["stats"],
+            "completions_sha256": job["completions_sha256"]}
 
 
 def _sandbox_description(config: SandboxConfig) -> str:

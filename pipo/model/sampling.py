@@ -20,6 +20,12 @@ class SamplingParams:
     presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise PIPOError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise PIPOError(f"top_k must be an integer, got {self.top_k!r}")
         if self.temperature < 0:
             raise PIPOError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
