@@ -10,7 +10,7 @@ section: `--config 'sft={learning_rate: 5.0e-5}' 'eval={n: 8}'`.
 """
 import os
 
-from pipo.workflow import validate_config
+from pipo.workflow import validate_config_or_exit
 
 
 # A --configfile (a preset) is a complete config that replaces config.yaml, not a patch on
@@ -21,7 +21,7 @@ if not workflow.overwrite_configfiles:
 
 
 
-validate_config(config, os.path.join(workflow.basedir, "rules", "config.schema.json"))
+validate_config_or_exit(config, os.path.join(workflow.basedir, "rules", "config.schema.json"))
 
 
 include: "rules/common.smk"

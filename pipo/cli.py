@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 import yaml
@@ -19,7 +20,8 @@ from pipo.errors import PIPOError
 # Modules that contribute sub-commands, in help order.
 _COMMAND_MODULES: tuple[str, ...] = ("pipo.eval.cli", "pipo.engine.cli", "pipo.train.cli", "pipo.data.cli")
 # What a user can fix: our own errors, files that are missing or unreadable, malformed YAML/text.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (PIPOError, OSError, yaml.YAMLError, UnicodeError)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (PIPOError, OSError, yaml.YAMLError, UnicodeError,
+                                                   json.JSONDecodeError)
 USAGE_ERROR = 2
 
 

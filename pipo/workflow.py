@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,10 @@ from pipo.tracking import StageRun, stage_run, tracking_uri
 
 class ConfigError(PIPOError):
     """The workflow config does not match its schema; the message names the key."""
+
+    def __init__(self, schema_path: str | Path, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"invalid config (schema {schema_path}):\n  " + "\n  ".join(problems))
 
 
 def _key_path(path: Any) -> str:
@@ -43,7 +48,17 @@ def _wants_text(schema: Mapping[str, Any]) -> bool:
     return "string" in kinds or not (kinds or "enum" in schema)
 
 
-def coerce_to_schema(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
+def _resolved(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A sub-schema with a local `$ref` (`#/$defs/name`) replaced by what it points at."""
+    ref = schema.get("$ref")
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return schema
+    for part in ref[2:].split("/"):
+        root = root[part]
+    return root
+
+
+def coerce_to_schema(config: dict[str, Any], schema: Mapping[str, Any], root: Mapping[str, Any] | None = None) -> None:
     """Parse, in place, text values where the schema wants a number, boolean, list or null.
 
     Snakemake hands nested `--config 'eval={n: 8}'` values over as text ("8"); they are
@@ -52,13 +67,15 @@ def coerce_to_schema(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
     """
     import yaml
 
+    root = schema if root is None else root
     properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
     for key, value in config.items():
         sub = properties.get(key, extra if isinstance(extra, Mapping) else None)
         if sub is None:
             continue
+        sub = _resolved(sub, root)
         if isinstance(value, dict):
-            coerce_to_schema(value, sub)
+            coerce_to_schema(value, sub, root)
         elif isinstance(value, str) and not _wants_text(sub):
             try:
                 config[key] = yaml.safe_load(value)
@@ -76,9 +93,33 @@ def validate_config(config: dict[str, Any], schema_path: str | Path) -> None:
     coerce_to_schema(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        lines = "\n  ".join(_describe(e) for e in errors)
-        raise ConfigError(f"invalid config (schema {schema_path}):\n  {lines}")
+    problems = [_describe(e) for e in errors] + [
+        f"config key '{key}': {value} is not a finite number" for key, value in _non_finite(config)]
+    if problems:
+        raise ConfigError(schema_path, problems)
+
+
+def validate_config_or_exit(config: dict[str, Any], schema_path: str | Path) -> None:
+    """`validate_config` for the Snakefile: a bad config stops Snakemake at start with one line on stderr
+    naming the keys, exit code 2 (Snakemake would report the exception as a multi-line traceback)."""
+    try:
+        validate_config(config, schema_path)
+    except ConfigError as err:
+        print(f"snakemake: invalid config: {'; '.join(err.problems)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _non_finite(value: Any, path: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every NaN or infinity in a config (YAML's `.nan` / `.inf`; JSON schema's
+    number type and bounds let them through)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path or "<top level>", value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{path}.{key}".lstrip("."))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _non_finite(item, f"{path}[{i}]")
 
 
 @contextlib.contextmanager

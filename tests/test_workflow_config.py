@@ -61,7 +61,8 @@ def workflow_copy(tmp_path: Path) -> Path:
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {"PATH": str(Path(SNAKEMAKE).parent) + ":/usr/bin:/bin", "HOME": str(workdir), "HF_HUB_OFFLINE": "1"}
+    env = {"PATH": str(Path(SNAKEMAKE).parent) + ":/usr/bin:/bin", "HOME": str(workdir), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}  # this checkout's `pipo`, not whichever one is installed
     return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout)
 
 

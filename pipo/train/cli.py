@@ -12,16 +12,27 @@ from pipo.errors import PIPOError
 
 
 def _load_config(path: str, overrides: list[str]) -> dict[str, Any]:
-    """A stage config from a JSON/YAML file, with `key=value` overrides (values parsed as YAML)."""
-    text = Path(path).read_text()
-    config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    """A stage config from a JSON/YAML file, with `key=value` overrides (values parsed as YAML; a dotted
+    key such as `pipo.conf_threshold` reaches into a nested section)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise PIPOError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} "
+                        f"({str(err).splitlines()[0]})") from err
     if not isinstance(config, dict):
         raise PIPOError(f"{path}: a stage config must be a mapping")
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise PIPOError(f"override {item!r} must look like key=value")
-        config[key] = yaml.safe_load(value)
+        if not sep or not key:
+            raise PIPOError(f"--set {item!r} must look like key=value")
+        *parents, leaf = key.split(".")
+        section = config
+        for name in parents:
+            section = section.setdefault(name, {})
+            if not isinstance(section, dict):
+                raise PIPOError(f"--set {item!r}: {name!r} is not a section")
+        section[leaf] = yaml.safe_load(value)
     return config
 
 

@@ -7,10 +7,15 @@ they cover (learning rate, `--beta` for JSD, `--temperature`, `--max_completion_
 """
 from __future__ import annotations
 
+import math
 import os
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
-from pipo.errors import PIPOError
+from pipo.errors import InputError, PIPOError
 
 DIVERGENCES = ("sampled", "topk", "full")
 ENV_PREFIX = "PIPO_"
@@ -34,6 +39,11 @@ class TrainSettings:
     presence_penalty: float = 1.5
 
     def __post_init__(self) -> None:
+        check_field_types(type(self), asdict(self), "pipo")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise PIPOError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
+        if self.mtp_weight < 0 or self.conf_weight < 0:
+            raise PIPOError(f"mtp_weight and conf_weight must be >= 0, got {self.mtp_weight} and {self.conf_weight}")
         if self.divergence not in DIVERGENCES:
             raise PIPOError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         if not 0 <= self.max_pad_ratio <= 0.5:
@@ -55,3 +65,37 @@ class TrainSettings:
             if raw is not None:
                 values[f.name] = type(f.default)(raw)
         return cls(**values)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a config value fits a field annotation (int for float is fine; bool is never a number)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_field_types(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """Every known key of `values` fits the dataclass field's type (numbers finite); the error names the key."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name in hints and not _matches(value, hints[name]):
+            raise InputError(f"must be {_type_name(hints[name])}, got {value!r}",
+                             field=f"{where}.{name}" if where else name)

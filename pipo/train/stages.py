@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ import torch
 from pipo.data.records import atomic_write_text
 from pipo.errors import PIPOError
 from pipo.train.merge import merge_adapter
-from pipo.train.settings import TrainSettings
+from pipo.train.settings import TrainSettings, check_field_types
 from pipo.train.tracking_callback import tracking_env
-from pipo.train.validation import check_teacher_tokenizer, validate_jsonl
+from pipo.train.validation import check_dataset, check_teacher_tokenizer, validate_jsonl
 
 PLUGIN = Path(__file__).with_name("plugin.py").resolve()
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -70,6 +70,11 @@ class SFTStageConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise PIPOError(f"unknown {cls.__name__} key(s) {unknown}; known: {sorted(known)}")
+        missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING
+                   and f.default_factory is MISSING]
+        if missing:
+            raise PIPOError(f"missing {cls.__name__} key(s) {missing}")
+        check_field_types(cls, values, "")
         config = cls(**values)
         config.settings()  # validates the pipo section early
         return config
@@ -254,8 +259,7 @@ def _finish(output_dir: str, config: SFTStageConfig) -> Path:
 def run_sft(config: SFTStageConfig | dict[str, Any]) -> Path:
     """Train PIPO from a backbone (or PIPO checkpoint) with LoRA; returns the final LoRA checkpoint."""
     config = config if isinstance(config, SFTStageConfig) else SFTStageConfig.from_dict(config)
-    if Path(config.dataset).is_file():
-        validate_jsonl(config.dataset, "sft")
+    check_dataset(config.dataset, "sft")
     finished, argv = _resumable(config.output_dir, sft_swift_args(config))
     if finished is not None:
         return finished
@@ -266,8 +270,7 @@ def run_sft(config: SFTStageConfig | dict[str, Any]) -> Path:
 def run_opd(config: OPDStageConfig | dict[str, Any]) -> Path:
     """On-policy distillation of a (merged) PIPO student from a teacher; returns the final LoRA checkpoint."""
     config = config if isinstance(config, OPDStageConfig) else OPDStageConfig.from_dict(config)
-    if Path(config.dataset).is_file():
-        validate_jsonl(config.dataset, "opd")
+    check_dataset(config.dataset, "opd")
     if Path(config.model).is_dir() and Path(config.teacher).is_dir():
         check_teacher_tokenizer(config.model, config.teacher)
     finished, argv = _resumable(config.output_dir, opd_swift_args(config))

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipo.data.records import numbered_lines
 from pipo.errors import PadTokenError, PIPOError
 
 
@@ -18,8 +19,9 @@ def _messages(row: Mapping[str, Any], where: str) -> list[Mapping[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise PIPOError(f"{where}: no 'messages' list (rows are chat messages)")
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise PIPOError(f"{where}: message {i} needs 'role' and 'content'")
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise PIPOError(f"{where}: message {i} needs 'role' and 'content' strings")
     return messages
 
 
@@ -48,20 +50,31 @@ def validate_jsonl(path: str | Path, kind: str) -> int:
     if not path.is_file():
         raise PIPOError(f"{kind} dataset {path} does not exist")
     count = 0
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} row {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PIPOError(f"{where}: not valid JSON ({err.msg})") from err
-            check(row, where)
-            count += 1
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path} row {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PIPOError(f"{where}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, Mapping):
+            raise PIPOError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        check(row, where)
+        count += 1
     if count == 0:
         raise PIPOError(f"{kind} dataset {path} has no rows")
     return count
+
+
+def check_dataset(dataset: str, kind: str) -> None:
+    """A stage's dataset: a `pipo cache` folder, a JSONL file checked row by row, or a hub id; a missing
+    local file is an error (ms-swift would look it up on the hub and fail there)."""
+    path = Path(dataset)
+    if path.is_file():
+        validate_jsonl(path, kind)
+    elif not path.is_dir() and path.suffix in (".jsonl", ".json"):
+        raise PIPOError(f"{kind} dataset {path} does not exist")
 
 
 def require_pad_token(tokenizer: Any, source: str) -> int:
