@@ -84,6 +84,9 @@ def score_generations(
     settings = {"format": FORMAT, "math_timeout_s": math_timeout_s, "sandbox": _sandbox_settings(sandbox)}
     resumed = start_or_resume(scores_path, settings, {"generations": str(generations_path)}, overwrite=overwrite)
     scored = _scored_hashes(scores_path) if resumed else {}
+    if scored and overwrite and not _same_completions(generations_path, scored):
+        scores_path.unlink()  # verdicts made for other completions: start over (the settings record stays valid)
+        scored = {}
     jobs = _pending_jobs(generations_path, scores_path, scored)
     score = partial(_score_job, sandbox=sandbox, math_timeout_s=math_timeout_s)
     with scores_path.open("a", encoding="utf-8") as out:
@@ -141,6 +144,17 @@ def _scored_hashes(path: Path) -> dict[tuple[str, str], tuple[int, str | None]]:
     """(benchmark, id) -> (scores line, completions sha256) of the rows already scored (cut last line repaired)."""
     return {_key(row): (number, row.get("completions_sha256"))
             for number, row in enumerate(read_scores(path, repair=True), start=1)}
+
+
+def _same_completions(path: Path, scored: Mapping[tuple[str, str], tuple[int, str | None]]) -> bool:
+    """Whether every problem already scored still has the completions its verdicts were made for."""
+    for number, line in numbered_lines(path):
+        if line.strip():
+            job = _job_from_line(path, number, line)
+            entry = scored.get(_key(job))
+            if entry is not None and entry[1] != job["completions_sha256"]:
+                return False
+    return True
 
 
 def _pending_jobs(path: Path, scores_path: Path,
