@@ -120,17 +120,18 @@ def validate_record(record: Mapping[str, Any], where: str = "record") -> None:
         check_tests(tests, where)
 
 
-def check_tests(tests: Any, where: str) -> None:
+def check_tests(tests: Any, where: str = "") -> None:
     """A code record's `tests`: a format in TEST_FORMATS and equally long lists of strings (a string
     would be iterated character by character, each character a "test")."""
+    at = f"{where}: " if where else ""
     if not isinstance(tests, dict) or tests.get("format") not in TEST_FORMATS:
-        raise PIPOError(f"{where}: tests: a code record needs 'tests' with format in {TEST_FORMATS}")
+        raise PIPOError(f"{at}tests: a code record needs 'tests' with format in {TEST_FORMATS}")
     for key in ("inputs", "outputs"):
         values = tests.get(key)
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise PIPOError(f"{where}: tests.{key}: must be a list of strings, got {type(values).__name__}")
+            raise PIPOError(f"{at}tests.{key}: must be a list of strings, got {type(values).__name__}")
     if len(tests["inputs"]) != len(tests["outputs"]):
-        raise PIPOError(f"{where}: tests: inputs and outputs differ in length "
+        raise PIPOError(f"{at}tests: inputs and outputs differ in length "
                         f"({len(tests['inputs'])} vs {len(tests['outputs'])})")
     if tests.get("language", "python") not in CODE_LANGUAGES:
         raise PIPOError(f"{where}: tests.language: must be one of {CODE_LANGUAGES}, got {tests.get('language')!r}")

@@ -211,7 +211,7 @@ def _job_from_line(path: Path, number: int, line: str) -> dict[str, Any]:
         if not isinstance(record.get("tests"), dict):
             raise fail("code grading needs a 'tests' object")
         try:
-            check_tests(record["tests"], "tests")
+            check_tests(record["tests"])
         except PIPOError as e:
             raise fail(str(e)) from None
     stats = _checked_stats(record.get("stats"), len(completions), fail)
