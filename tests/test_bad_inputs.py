@@ -147,6 +147,7 @@ CASES = [
     Case("non-UTF-8 generations", score(), "gens.jsonl:1: not UTF-8 text",
          lambda w, m: (w / "gens.jsonl").write_bytes(b'{"id": "\xfe"}\n')),
     Case("k 0", score("--k", "0"), "--k and --workers must be >= 1"),
+    Case("too many workers", score("--workers", "100000"), "--workers 100000: this machine has"),
     Case("other completions", score(), "scores.jsonl:1: completions_sha256: the verdicts of 'm1' were made for "
          "other completions", with_gens([{**MATH, "completions": [r"\boxed{4}"]}])),
     # report
@@ -173,6 +174,10 @@ CASES = [
     Case("missing dataset", stage("sft"), "sft dataset", with_stage("sft", dataset="gone.jsonl")),
     Case("dataset row", stage("sft"), "sft.jsonl row 1: no assistant turn",
          lambda w, m: lines(w / "sft.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])),
+    Case("missing model folder in a stage", stage("sft"), "./no/model: model: no such model folder",
+         with_stage("sft", model="./no/model")),
+    Case("cache of a missing model", lambda w, m: ["cache", "--model", "/no/model", "--dataset", str(w / "sft.jsonl"),
+         "--output-dir", str(w / "cache")], "/no/model: --model: no such model folder"),
     Case("opd without teacher", stage("opd"), "the OPD stage needs a teacher", with_stage("opd", teacher=None)),
     # merge / build-data
     Case("merge no adapter", lambda w, m: ["merge", "--adapter", str(w / "none"), "--output-dir", str(w / "x")],
@@ -289,3 +294,11 @@ def test_schema_of_nested_pipo_sections_follows_the_settings_dataclass():
             assert prop["type"] == expected[name], name
     defaults = {f.name: f.default for f in fields(TrainSettings)}
     jsonschema.validate(defaults, {**nested, "$defs": schema["$defs"]})
+
+
+def test_debug_shows_the_traceback(prepared, capsys):
+    from pipo.errors import PIPOError
+
+    work, model = prepared
+    with pytest.raises(PIPOError, match="temperature must be a finite number"):
+        main(["--debug", *generate("--temperature", "nan")(work, model)])

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from pipo.errors import PIPOError
+from pipo.errors import InputError, PIPOError
 
 
 def _load_config(path: str, overrides: list[str]) -> dict[str, Any]:
@@ -36,22 +36,39 @@ def _load_config(path: str, overrides: list[str]) -> dict[str, Any]:
     return config
 
 
+def check_model_source(model: object, key: str) -> None:
+    """A model given as a local path must exist: a hub id has exactly one '/' and no leading '/' or '.';
+    anything else would reach the hub and fail there with "Repo id must be in the form ..."."""
+    if not isinstance(model, str) or Path(model).exists():
+        return
+    if model.startswith(("/", ".", "~")) or model.count("/") != 1:
+        raise InputError("no such model folder", file=model, field=key)
+
+
 def _cache(args: argparse.Namespace) -> None:
     from pipo.train.stages import run_cache
 
+    check_model_source(args.model, "--model")
     print(run_cache(args.model, args.dataset, args.output_dir, args.model_type, args.max_length))
+
+
+def _stage_config(args: argparse.Namespace) -> dict[str, Any]:
+    config = _load_config(args.config, args.set)
+    for key in ("model", "teacher"):
+        check_model_source(config.get(key), key)
+    return config
 
 
 def _sft(args: argparse.Namespace) -> None:
     from pipo.train.stages import run_sft
 
-    print(run_sft(_load_config(args.config, args.set)))
+    print(run_sft(_stage_config(args)))
 
 
 def _opd(args: argparse.Namespace) -> None:
     from pipo.train.stages import run_opd
 
-    print(run_opd(_load_config(args.config, args.set)))
+    print(run_opd(_stage_config(args)))
 
 
 def _merge(args: argparse.Namespace) -> None:
