@@ -69,10 +69,10 @@ def model_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def derive_seed(seed: int, row: int, sample: int = 0) -> int:
-    """The seed of one request: a function of (run seed, input row, sample) only, so the rows a resumed
-    run generates are the rows the uninterrupted run would have generated."""
-    return stable_seed("pipo-request", seed, row, sample) & ((1 << 63) - 1)
+def derive_seed(seed: int, *index: int) -> int:
+    """A child seed of (seed, index...), e.g. an input row's from the run's: a function of these only, so the
+    rows a resumed run generates are the rows the uninterrupted run would have generated."""
+    return stable_seed("pipo-request", seed, *index) & ((1 << 63) - 1)
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:

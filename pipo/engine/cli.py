@@ -9,8 +9,8 @@ Resume: the output's sidecar `<output>.meta.json` (see `pipo.provenance`) holds 
 settings that made it (model fingerprint, method, sampling, seed, threshold, input
 sha256, format). A rerun with the same settings skips rows already written (by `id`,
 else by `row`) and repairs a last line cut short by a crash; other settings are refused
-unless `--overwrite`. Row `i` is sampled with the seed `derive_seed(seed, i)`, so a
-resumed run writes the rows the uninterrupted run would have written.
+unless `--overwrite`. Row `i` is sampled with the seed `derive_seed(seed, i)` (the
+engine's `seeds=`), so a resumed run writes the rows the uninterrupted run would have written.
 """
 from __future__ import annotations
 
@@ -228,17 +228,6 @@ def encode_row(tokenizer, row: dict, args: argparse.Namespace) -> list[int]:
     return ids
 
 
-def generate_row(engine, prompt: list[int], sampling: SamplingParams, seed: int, args: argparse.Namespace):
-    """The `n` completions of one row, from the row's own seed.
-
-    One engine call per row keeps a row's samples independent of which other rows share
-    the batch (the engine's generator is shared by the slots of a call); an engine with
-    per-request seeds can take several rows per call here instead.
-    """
-    return engine.generate([prompt], sampling, max_new_tokens=args.max_new_tokens, n=args.n, stop=args.stop,
-                           stop_token_ids=args.stop_token_id, seed=seed)[0]
-
-
 def generate_file(args: argparse.Namespace) -> int:
     """Validate everything before loading the model; generate the missing rows; append each row."""
     from pipo.engine.engine import open_engine
@@ -263,20 +252,31 @@ def generate_file(args: argparse.Namespace) -> int:
     )
     for _, r, ids in todo:
         engine.check_prompt(ids, f"{args.input}:{r['lineno']}: prompt")
+    chunk = max(1, 4 * args.batch_size // args.n)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"pipo generate ({args.method})") as bar:
-        for written, (index, r, ids) in enumerate(todo, start=1):
-            completions = generate_row(engine, ids, sampling, derive_seed(args.seed, index), args)
-            append_jsonl(f, {
-                **r["row"],
-                "row": index,
-                "method": args.method,
-                "model": str(args.model),
-                "completions": [c.text for c in completions],
-                "token_ids": [c.token_ids for c in completions],
-                "finish_reasons": [c.finish_reason for c in completions],
-                "stats": [c.stats.to_dict() for c in completions],
-            })
-            bar.update(1)
-            exit_after_rows_for_test(written)
+        for lo in range(0, len(todo), chunk):
+            batch = todo[lo : lo + chunk]
+            # Row i's samples come from derive_seed(seed, i) alone: a resumed run repeats the uninterrupted one.
+            results = engine.generate([ids for _, _, ids in batch], sampling, max_new_tokens=args.max_new_tokens,
+                                      n=args.n, stop=args.stop, stop_token_ids=args.stop_token_id,
+                                      seeds=[derive_seed(args.seed, index) for index, _, _ in batch])
+            for written, ((index, r, _), completions) in enumerate(zip(batch, results), start=lo + 1):
+                write_row(f, args, index, r["row"], completions)
+                bar.update(1)
+                exit_after_rows_for_test(written)
     return 0
+
+
+def write_row(f, args: argparse.Namespace, index: int, row: dict, completions) -> None:
+    """Append one output row: the input row plus what was generated for it."""
+    append_jsonl(f, {
+        **row,
+        "row": index,
+        "method": args.method,
+        "model": str(args.model),
+        "completions": [c.text for c in completions],
+        "token_ids": [c.token_ids for c in completions],
+        "finish_reasons": [c.finish_reason for c in completions],
+        "stats": [c.stats.to_dict() for c in completions],
+    })

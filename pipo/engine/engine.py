@@ -144,12 +144,20 @@ class Engine:
         stop: Seq[str] = (),
         stop_token_ids: Seq[int] = (),
         seed: int = 0,
+        seeds: Seq[int] | None = None,
         progress: bool = False,
     ) -> list[list[Completion]]:
         """`n` completions per prompt (in prompt order). EOS ids and `stop_token_ids` end a sample (kept in
-        `token_ids`); a stop string ends it and is cut from the text."""
+        `token_ids`); a stop string ends it and is cut from the text. With `seeds`, prompt i's samples
+        depend on `seeds[i]` alone (pass row-derived seeds to resume a run): one prompt per pass, since
+        the decoder's generator is shared by the rows of a batch."""
         if n < 1 or max_new_tokens < 1:
             raise PIPOError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+        if seeds is not None:
+            if len(seeds) != len(prompts):
+                raise PIPOError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
+            return [self.generate([p], sampling, max_new_tokens=max_new_tokens, n=n, stop=stop,
+                                  stop_token_ids=stop_token_ids, seed=s)[0] for p, s in zip(prompts, seeds)]
         encoded = [self.encode(p) for p in prompts]
         for i, ids in enumerate(encoded):
             self.check_prompt(ids, f"prompt {i}")

@@ -12,6 +12,7 @@ from pipo.engine.parts import Prompt, encode_prompt, load_tokenizer
 from pipo.engine.sequence import Completion, RequestStats
 from pipo.errors import PIPOError
 from pipo.model.sampling import SamplingParams
+from pipo.provenance import derive_seed
 
 
 class SGLangEngine:
@@ -43,13 +44,14 @@ class SGLangEngine:
 
     def generate(self, prompts: Seq[Prompt], sampling: SamplingParams = SamplingParams(), *, max_new_tokens: int = 256,
                  n: int = 1, stop: Seq[str] = (), stop_token_ids: Seq[int] = (), seed: int = 0,
-                 progress: bool = False) -> list[list[Completion]]:
+                 seeds: Seq[int] | None = None, progress: bool = False) -> list[list[Completion]]:
         ids = [self.encode(p) for p in prompts]
         params = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
                       min_p=sampling.min_p, presence_penalty=sampling.presence_penalty,
-                      max_new_tokens=max_new_tokens, stop=list(stop), stop_token_ids=list(stop_token_ids),
-                      sampling_seed=seed)
-        outs = self.engine.generate(input_ids=[x for x in ids for _ in range(n)], sampling_params=params)
+                      max_new_tokens=max_new_tokens, stop=list(stop), stop_token_ids=list(stop_token_ids))
+        prompt_seeds = list(seeds) if seeds is not None else [derive_seed(seed, i) for i in range(len(ids))]
+        per_request = [{**params, "sampling_seed": derive_seed(s, j)} for s in prompt_seeds for j in range(n)]
+        outs = self.engine.generate(input_ids=[x for x in ids for _ in range(n)], sampling_params=per_request)
         results = []
         for i, prompt_ids in enumerate(ids):
             row = []
