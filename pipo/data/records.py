@@ -134,10 +134,10 @@ def check_tests(tests: Any, where: str = "") -> None:
         raise PIPOError(f"{at}tests: inputs and outputs differ in length "
                         f"({len(tests['inputs'])} vs {len(tests['outputs'])})")
     if tests.get("language", "python") not in CODE_LANGUAGES:
-        raise PIPOError(f"{where}: tests.language: must be one of {CODE_LANGUAGES}, got {tests.get('language')!r}")
+        raise PIPOError(f"{at}tests.language: must be one of {CODE_LANGUAGES}, got {tests.get('language')!r}")
     mode = tests.get("input_mode", "stdio")
     if mode not in INPUT_MODES or (mode == "file") != bool(tests.get("input_file") and tests.get("output_file")):
-        raise PIPOError(f"{where}: tests.input_mode: must be 'stdio', or 'file' with input_file and output_file")
+        raise PIPOError(f"{at}tests.input_mode: must be 'stdio', or 'file' with input_file and output_file")
 
 
 # ------------------------------------------------------------------------ prompts

@@ -133,11 +133,14 @@ def _key(row: Mapping[str, Any]) -> tuple[str, str]:
     return str(row.get("benchmark")), str(row["id"])
 
 
-def _sandbox_settings(sandbox: SandboxConfig | None) -> dict[str, Any] | None:
-    """The sandbox limits that change verdicts (not the interpreter's path, which differs between venvs)."""
-    if sandbox is None:
-        return None
-    return {k: v for k, v in dataclasses.asdict(sandbox).items() if k != "python"}
+def _sandbox_settings(sandbox: SandboxConfig | None) -> dict[str, Any]:
+    """The sandbox limits that change verdicts; None means the default limits, as the graders read it.
+
+    Left out: the interpreter's path (it differs between machines) and `unsafe_no_sandbox` (a fallback
+    when bubblewrap is missing, recorded in the metrics; a run refused for it resumes with it).
+    """
+    config = dataclasses.asdict(sandbox or SandboxConfig())
+    return {k: v for k, v in config.items() if k not in ("python", "unsafe_no_sandbox")}
 
 
 def _scored_hashes(path: Path) -> dict[tuple[str, str], tuple[int, str | None]]:
