@@ -1,18 +1,38 @@
 """PIPO's inference engine: regular / pipo / mtp / eagle decoding with static caches, continuous batching,
-a prefix cache of compressed prompt pairs, CUDA graphs on GPU; the same code on CPU."""
-from pipo.engine.decoding import speculative_accept
-from pipo.engine.engine import Engine, PrefixCache, open_engine
-from pipo.engine.parts import METHODS, build_native_mtp, load_regular
-from pipo.engine.sequence import Completion, RequestStats
+a prefix cache of compressed prompt pairs, CUDA graphs on GPU; the same code on CPU.
 
-__all__ = [
-    "METHODS",
-    "Completion",
-    "Engine",
-    "PrefixCache",
-    "RequestStats",
-    "build_native_mtp",
-    "load_regular",
-    "open_engine",
-    "speculative_accept",
-]
+The names below load on first access (PEP 562): `pipo generate --help` and `METHODS` need no torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipo.engine.decoding import speculative_accept
+    from pipo.engine.engine import Engine, PrefixCache, open_engine
+    from pipo.engine.parts import build_native_mtp, load_regular
+    from pipo.engine.sequence import Completion, RequestStats
+
+METHODS = ("regular", "pipo", "mtp", "eagle")
+
+# public name -> the submodule that defines it
+_SOURCES = {
+    "Completion": "pipo.engine.sequence",
+    "Engine": "pipo.engine.engine",
+    "PrefixCache": "pipo.engine.engine",
+    "RequestStats": "pipo.engine.sequence",
+    "build_native_mtp": "pipo.engine.parts",
+    "load_regular": "pipo.engine.parts",
+    "open_engine": "pipo.engine.engine",
+    "speculative_accept": "pipo.engine.decoding",
+}
+__all__ = ["METHODS", *sorted(_SOURCES)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SOURCES:
+        value = getattr(importlib.import_module(_SOURCES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pipo.engine' has no attribute {name!r}")

@@ -20,16 +20,19 @@ import math
 import os
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from pipo.data.records import append_jsonl, drop_partial_last_line, iter_jsonl, numbered_jsonl
-from pipo.engine.parts import METHODS, encode_prompt, load_tokenizer
+from pipo.engine import METHODS
 from pipo.errors import InputError, PIPOError
-from pipo.model.sampling import SamplingParams
 from pipo.provenance import derive_seed, exit_after_rows_for_test, model_fingerprint, sha256_file, start_or_resume
 
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+if TYPE_CHECKING:  # torch, the engine and the sampler load only when generating: `--help` stays instant
+    import torch
+
+    from pipo.model.sampling import SamplingParams
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype: a torch dtype name, or the checkpoint's own
 FORMAT = "pipo-generations/2"
 ROLES = ("system", "user", "assistant", "tool")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -58,7 +61,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="decode slots")
     p.add_argument("--max-seq-len", type=int, default=8192, help="prompt + completion tokens per sequence")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--backend", choices=("native", "sglang"), default="native")
     p.set_defaults(func=generate_file)
 
@@ -68,6 +71,8 @@ def register(subparsers) -> None:
 
 def check_options(args: argparse.Namespace) -> SamplingParams:
     """Sampling parameters finite and in range, counts positive and bounded; the sampling params."""
+    from pipo.model.sampling import SamplingParams
+
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.presence_penalty)
     if not math.isfinite(args.conf_threshold):
         raise PIPOError(f"--conf-threshold must be a finite number, got {args.conf_threshold}")
@@ -83,6 +88,8 @@ def check_options(args: argparse.Namespace) -> SamplingParams:
 
 def check_device(device: str | None) -> torch.device:
     """The device to run on; a CUDA device without CUDA (or a malformed name) is an error."""
+    import torch
+
     try:
         resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as err:
@@ -112,6 +119,8 @@ def text_config(model: Path) -> dict:
 def available_bytes(device: torch.device) -> int:
     """Free memory of the device: CUDA's free bytes, else the host's available memory."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.mem_get_info(device)[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -120,6 +129,13 @@ def available_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a `--dtype` choice; None for "auto" (the checkpoint's)."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
 
 
 def check_sizes(model: Path, config: dict, args: argparse.Namespace, device: torch.device) -> None:
@@ -132,8 +148,8 @@ def check_sizes(model: Path, config: dict, args: argparse.Namespace, device: tor
     head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads)
     layer_types = config.get("layer_types") or ["full_attention"] * config.get("num_hidden_layers", 0)
     attention_layers = sum(t == "full_attention" for t in layer_types) + 1  # + an MTP/draft layer
-    dtype = DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    elem = torch.empty((), dtype=dtype).element_size()
+    dtype = torch_dtype(args.dtype) or (torch_dtype("bfloat16") if device.type == "cuda" else torch_dtype("float32"))
+    elem = dtype.itemsize
     kv_bytes = 2 * args.batch_size * args.max_seq_len * attention_layers * kv_heads * head_dim * elem
     weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     free = available_bytes(device)
@@ -219,6 +235,8 @@ def run_settings(args: argparse.Namespace, sampling: SamplingParams) -> dict:
 
 def encode_row(tokenizer, row: dict, args: argparse.Namespace) -> list[int]:
     """A row's prompt ids; an empty prompt or one that leaves no room to generate is an error naming the line."""
+    from pipo.engine.parts import encode_prompt
+
     ids = encode_prompt(tokenizer, row["row"].get("messages") or row["row"]["prompt"])
     field = "messages" if "messages" in row["row"] else "prompt"
     if len(ids) + len(ids) % 2 >= args.max_seq_len:
@@ -230,7 +248,10 @@ def encode_row(tokenizer, row: dict, args: argparse.Namespace) -> list[int]:
 
 def generate_file(args: argparse.Namespace) -> int:
     """Validate everything before loading the model; generate the missing rows; append each row."""
+    from tqdm.auto import tqdm
+
     from pipo.engine.engine import open_engine
+    from pipo.engine.parts import load_tokenizer
 
     sampling = check_options(args)
     device = check_device(args.device)
@@ -246,7 +267,7 @@ def generate_file(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     engine = open_engine(
-        model, args.method, args.backend, tokenizer=tokenizer, device=device, dtype=DTYPES[args.dtype],
+        model, args.method, args.backend, tokenizer=tokenizer, device=device, dtype=torch_dtype(args.dtype),
         max_batch_size=args.batch_size, max_seq_len=args.max_seq_len, conf_threshold=args.conf_threshold,
         eagle_k=args.eagle_k,
     )

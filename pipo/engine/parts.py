@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedConfig, PreTrainedModel
 
+from pipo.engine import METHODS
 from pipo.errors import NotAPIPOCheckpointError, PIPOError
 from pipo.model import backbones
 from pipo.model.heads import MTPHead
 from pipo.model.modeling import PIPOForCausalLM, is_pipo_checkpoint
 
-METHODS = ("regular", "pipo", "mtp", "eagle")
 Prompt = list[int] | str | list[dict]
 
 

@@ -398,8 +398,15 @@ def is_pipo_checkpoint(path: str | Path) -> bool:
 
 
 def register_auto_classes() -> None:
-    """Make `AutoConfig` / `AutoModelForCausalLM` resolve `model_type: pipo` (done on `import pipo`)."""
+    """Make `AutoConfig` / `AutoModelForCausalLM` resolve `model_type: pipo` through the public API.
+
+    Runs when this module is imported; before that, `import pipo` has already made the
+    Auto classes find these classes by name (`pipo._auto`).
+    """
     from transformers import AutoModelForCausalLM
 
     AutoConfig.register(PIPOConfig.model_type, PIPOConfig, exist_ok=True)
     AutoModelForCausalLM.register(PIPOConfig, PIPOForCausalLM, exist_ok=True)
+
+
+register_auto_classes()
