@@ -1,0 +1,110 @@
+"""Sampling transforms against distributions worked out by hand on a five-token vocabulary, and the samplers
+against those distributions (total-variation bound); `SamplingParams` validation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipo.errors import PIPOError
+from pipo.model.sampling import SamplingParams, apply_presence_penalty, probabilities, sample, sample_logits
+
+BASE = [0.4, 0.3, 0.15, 0.1, 0.05]  # logits are log(BASE), so softmax(logits) == BASE
+SEEN = [0]  # tokens already generated (the presence penalty's target)
+DRAWS = 40_000
+TV_BOUND = 0.015  # E[TV] of 40K draws over 5 tokens is below 0.005; 0.015 is three times that
+
+
+def normalised(weights: list[float]) -> list[float]:
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+# (params, distribution worked out by hand from BASE; the penalty is applied to SEEN)
+CASES = {
+    "plain": (SamplingParams(), BASE),
+    # T = 0.5 squares each probability: [.16, .09, .0225, .01, .0025] / .285
+    "temperature": (SamplingParams(temperature=0.5), normalised([0.16, 0.09, 0.0225, 0.01, 0.0025])),
+    "top_k": (SamplingParams(top_k=2), normalised([0.4, 0.3, 0, 0, 0])),
+    # mass strictly above each token: 0, .4, .7, .85, .95 -> tokens with less than .75 above them stay
+    "top_p": (SamplingParams(top_p=0.75), normalised([0.4, 0.3, 0.15, 0, 0])),
+    # floor .3 * max = .12: .1 and .05 go
+    "min_p": (SamplingParams(min_p=0.3), normalised([0.4, 0.3, 0.15, 0, 0])),
+    # exp(log .4 - 1.5) = .4 e^-1.5 for the seen token, the others unchanged
+    "presence": (SamplingParams(presence_penalty=1.5), normalised([0.4 * math.exp(-1.5), 0.3, 0.15, 0.1, 0.05])),
+    # penalty ln 2 halves token 0: [.2, .3, .15, .1, .05]; T = .5: [.04, .09, .0225, .01, .0025];
+    # top-k 4 drops .0025; top-p .9 over [.09, .04, .0225, .01] / .1625: mass above .01 is .938 -> it goes;
+    # min-p .3: floor .3 * .09 = .027 drops .0225 -> [.04, .09] / .13
+    "combined": (SamplingParams(temperature=0.5, top_k=4, top_p=0.9, min_p=0.3, presence_penalty=math.log(2)),
+                 normalised([0.04, 0.09, 0, 0, 0])),
+    "greedy": (SamplingParams(temperature=0.0, presence_penalty=1.5), [0.0, 1.0, 0.0, 0.0, 0.0]),  # the penalty moves the argmax
+}
+
+
+def base_logits(rows: int = 1) -> torch.Tensor:
+    return torch.tensor(BASE).log().expand(rows, -1).contiguous()
+
+
+def seen_mask(rows: int = 1) -> torch.Tensor:
+    seen = torch.zeros(rows, len(BASE), dtype=torch.bool)
+    seen[:, SEEN] = True
+    return seen
+
+
+def empirical(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(tokens, minlength=len(BASE)).double() / tokens.numel()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_probabilities_by_hand(case):
+    params, expected = CASES[case]
+    logits = apply_presence_penalty(base_logits(), seen_mask(), params.presence_penalty)
+    torch.testing.assert_close(probabilities(logits, params)[0], torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sample_logits_draws_the_hand_distribution(case):
+    """Both sampler paths (logit space without top-p, probabilities with it): TV bound, excluded ids never drawn."""
+    params, expected = CASES[case]
+    generator = torch.Generator().manual_seed(1234)
+    tokens = sample_logits(base_logits(DRAWS), params, seen=seen_mask(DRAWS), generator=generator)
+    freq, expected = empirical(tokens), torch.tensor(expected, dtype=torch.float64)
+    assert float((freq - expected).abs().sum() / 2) < TV_BOUND, (freq.tolist(), expected.tolist())
+    assert not freq[expected == 0].any()
+
+
+def test_sample_draws_each_id_with_its_probability():
+    probs = torch.tensor(normalised([0.5, 0.0, 0.2, 0.3, 0.0])).expand(DRAWS, -1)
+    freq = empirical(sample(probs, torch.Generator().manual_seed(7)))
+    assert float((freq - probs[0].double()).abs().sum() / 2) < TV_BOUND and freq[1] == freq[4] == 0
+
+
+def test_banned_ids_get_nothing_even_as_the_argmax():
+    banned = torch.tensor([0])
+    for params in (SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(top_p=0.5)):
+        probs = probabilities(base_logits(), params, banned)[0]
+        assert probs[0] == 0 and math.isclose(float(probs.sum()), 1.0, rel_tol=1e-6)
+        tokens = sample_logits(base_logits(2000), params, banned, generator=torch.Generator().manual_seed(3))
+        assert not (tokens == 0).any()
+    torch.testing.assert_close(probabilities(base_logits(), SamplingParams(), banned)[0],
+                               torch.tensor(normalised([0, 0.3, 0.15, 0.1, 0.05])), rtol=0, atol=1e-6)
+
+
+def test_same_generator_state_same_tokens():
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    draw = [sample_logits(base_logits(64), params, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(*draw)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", -0.1), ("min_p", 1.0),
+])
+def test_sampling_params_reject_values_naming_the_field(field, value):
+    with pytest.raises(PIPOError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_accept_the_edges():
+    SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
+    assert SamplingParams(temperature=0.0).greedy and not SamplingParams(temperature=1e-3).greedy
