@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -119,22 +120,101 @@ def test_union_marks_duplicates_invalid():
     assert int(valid.sum()) == 4
 
 
-@pytest.mark.parametrize("mode", ["sampled", "topk", "full"])
-def test_opd_losses_finite_and_differentiable(mode):
-    g = torch.Generator().manual_seed(3)
-    b, length, h, v = 2, 8, 6, 13
-    labels = torch.tensor([[X, X, X, X, 4, X, 6, 7], [X, X, 3, 4, 5, 6, X, X]])
-    hidden = torch.randn(b, length // 2 - 1, h, generator=g, requires_grad=True)
-    mtp = torch.randn(b, length // 2 - 1, h, generator=g, requires_grad=True)
-    conf = torch.randn(b, length // 2 - 1, generator=g, requires_grad=True)
-    ids = labels.clamp(min=1)
+# One rollout row by hand: prompt (1, 2), then pairs (a, b) (c, PAD) (d, e) -- the draft after c was rejected.
+# Labels leave the prompt and the rejected draft unsupervised. Every distribution below is given as
+# probabilities over the 4-token vocabulary (PAD = 0); logits are their logs.
+OPD_IDS = [1, 2, 3, 1, 2, P, 3, 1]
+OPD_LABELS = [X, X, 3, 1, 2, X, 3, 1]
+STUDENT_BACKBONE = [[0.1, 0.2, 0.3, 0.4], [0.1, 0.4, 0.3, 0.2], [0.15, 0.1, 0.45, 0.3]]  # predict a=3, c=2, d=3
+STUDENT_MTP = [[0.1, 0.5, 0.25, 0.15], [0.7, 0.1, 0.15, 0.05], [0.2, 0.15, 0.25, 0.4]]  # predict b=1, (PAD), e=1
+CONF_LOGITS = [0.5, -1.0, 2.0]
+# teacher next-token distributions at each position of the PAD-free sequence 1 2 3 1 2 3 1
+TEACHER = [[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.1, 0.6], [0.1, 0.3, 0.4, 0.2], [0.2, 0.1, 0.5, 0.2],
+           [0.1, 0.2, 0.2, 0.5], [0.2, 0.5, 0.15, 0.15], [0.3, 0.35, 0.2, 0.15]]
+# (student distribution, teacher position, target) per supervised row: the token at t is predicted from the
+# teacher's position of the last real token before t; d follows the PAD, so it takes c's position (4), not 5
+BACKBONE_ROWS = [(STUDENT_BACKBONE[0], 1, 3), (STUDENT_BACKBONE[1], 3, 2), (STUDENT_BACKBONE[2], 4, 3)]
+MTP_ROWS = [(STUDENT_MTP[0], 2, 1), (STUDENT_MTP[2], 5, 1)]
+MTP_CONF = [CONF_LOGITS[0], CONF_LOGITS[2]]
+
+
+def kl(s: list[float], t: list[float], support) -> float:
+    """Reverse KL of s from t over `support`, both renormalised there."""
+    zs, zt = sum(s[v] for v in support), sum(t[v] for v in support)
+    return sum(s[v] / zs * math.log((s[v] / zs) / (t[v] / zt)) for v in support)
+
+
+def top1(p: list[float]) -> int:
+    return max(range(len(p)), key=p.__getitem__)
+
+
+def hand_divergence(mode: str, s: list[float], t: list[float], y: int) -> tuple[float, float]:
+    """(divergence, confidence target) of one row, spec section 5, with k = 1 for `topk`."""
+    if mode == "sampled":
+        return math.log(s[y]) - math.log(t[y]), min(1.0, t[y] / s[y])
+    if mode == "topk":
+        return kl(s, t, {top1(s), top1(t), y}), min(1.0, t[y] / s[y])
+    return kl(s, t, range(len(s))), sum(min(a, b) for a, b in zip(s, t))
+
+
+def bce(logit: float, target: float) -> float:
+    p = 1 / (1 + math.exp(-logit))
+    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
+
+
+def one_hot_rows(n: int, offset: int, width: int) -> torch.Tensor:
+    """Rows e_offset..e_offset+n-1: with a weight whose columns are logits, row i picks column offset+i."""
+    return torch.eye(width, dtype=torch.float64)[offset : offset + n]
+
+
+def run_opd(mode: str, student_backbone, student_mtp, teacher, conf_logits=CONF_LOGITS):
+    """`opd_losses` on the hand row; student and teacher logits come out of one-hot hidden states."""
+    ids = torch.tensor([OPD_IDS])
     compact = compact_pads(ids, torch.ones_like(ids), P)
-    out = opd_losses(hidden, mtp, conf, torch.randn(v, h, generator=g), torch.randn(b, compact.input_ids.shape[1], h, generator=g),
-                     torch.randn(v, h, generator=g), labels, compact.source_index, divergence=mode, k=4, chunk_size=2)
-    assert torch.isfinite(out.loss) and out.num_backbone_tokens == 4 and out.num_mtp_tokens == 3
-    out.loss.backward()
-    assert hidden.grad is not None and mtp.grad is not None and conf.grad is not None
-    assert 0 <= float(out.conf_mean_target) <= 1
+    assert compact.input_ids.tolist() == [[1, 2, 3, 1, 2, 3, 1]]
+    student_weight = torch.tensor(student_backbone + student_mtp, dtype=torch.float64).log().T.contiguous()
+    teacher_weight = torch.tensor(teacher, dtype=torch.float64).log().T.contiguous()
+    hidden = one_hot_rows(3, 0, 6)[None].requires_grad_(True)
+    mtp = one_hot_rows(3, 3, 6)[None].requires_grad_(True)
+    conf = torch.tensor([conf_logits], dtype=torch.float64, requires_grad=True)
+    out = opd_losses(hidden, mtp, conf, student_weight, torch.eye(7, dtype=torch.float64)[None], teacher_weight,
+                     torch.tensor([OPD_LABELS]), compact.source_index, divergence=mode, k=1, chunk_size=2)
+    return out, (hidden, mtp, conf)
+
+
+@pytest.mark.parametrize("mode", ["sampled", "topk", "full"])
+def test_opd_losses_by_hand_with_a_rejected_draft(mode):
+    out, (_, mtp, conf) = run_opd(mode, STUDENT_BACKBONE, STUDENT_MTP, TEACHER)
+    backbone = [hand_divergence(mode, s, TEACHER[pos], y)[0] for s, pos, y in BACKBONE_ROWS]
+    mtp_rows = [hand_divergence(mode, s, TEACHER[pos], y) for s, pos, y in MTP_ROWS]
+    alphas = [alpha for _, alpha in mtp_rows]
+    expected = {
+        "backbone_loss": sum(backbone) / 3,
+        "mtp_loss": sum(d for d, _ in mtp_rows) / 2,
+        "conf_loss": sum(bce(c, a) for c, a in zip(MTP_CONF, alphas)) / 2,
+        "conf_mean_target": sum(alphas) / 2,
+        "conf_mean_pred": sum(1 / (1 + math.exp(-c)) for c in MTP_CONF) / 2,
+    }
+    expected["loss"] = expected["backbone_loss"] + expected["mtp_loss"] + expected["conf_loss"]
+    got = {name: float(getattr(out, name).detach()) for name in expected}
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)  # the row losses run in float32
+    assert (out.num_backbone_tokens, out.num_mtp_tokens) == (3, 2)
+    out.loss.backward()  # the rejected draft's MTP row and confidence logit get no gradient, the others do
+    assert float(conf.grad[0, 1]) == 0 and not mtp.grad[0, 1].any()
+    assert conf.grad[0, [0, 2]].ne(0).all() and mtp.grad[0, [0, 2]].abs().sum(-1).ne(0).all()
+
+
+@pytest.mark.parametrize("mode", ["sampled", "topk", "full"])
+def test_opd_teacher_equal_to_student_costs_only_the_confidence_head(mode):
+    """Same distributions on both sides: every divergence is 0, every draft is accepted (target 1)."""
+    teacher = [TEACHER[0], STUDENT_BACKBONE[0], STUDENT_MTP[0], STUDENT_BACKBONE[1], STUDENT_BACKBONE[2],
+               STUDENT_MTP[2], TEACHER[6]]
+    out, (hidden, mtp, _) = run_opd(mode, STUDENT_BACKBONE, STUDENT_MTP, teacher)
+    assert abs(float(out.backbone_loss.detach())) < 1e-6 and abs(float(out.mtp_loss.detach())) < 1e-6
+    assert float(out.conf_mean_target) == pytest.approx(1.0, rel=1e-6)
+    assert float(out.conf_loss.detach()) == pytest.approx(sum(bce(c, 1.0) for c in MTP_CONF) / 2, rel=1e-6)
+    (out.backbone_loss + out.mtp_loss).backward()
+    assert float(hidden.grad.abs().max()) < 1e-6 and float(mtp.grad.abs().max()) < 1e-6
 
 
 def test_settings_round_trip_through_model_kwargs():
