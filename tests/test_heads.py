@@ -1,6 +1,9 @@
-"""The spec's initialisations of the PIPO heads."""
+"""The spec's initialisations of the PIPO heads, and their values on arbitrary weights, worked out position by position."""
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -38,3 +41,40 @@ def test_confidence_head_shapes():
     out = head(torch.randn(2, 3, 8), torch.randn(2, 3, 8))
     assert out.shape == (2, 3)
     assert head.fc1.bias is None and head.fc2.bias is None
+
+
+def test_confidence_head_values_by_hand():
+    """`RMSNorm(2H) -> fc1 -> SiLU -> fc2` on `[h ; m]`, written out position by position."""
+    gen = torch.Generator().manual_seed(0)
+    head = ConfidenceHead(4, eps=1e-6)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen))
+    hidden, mtp = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    got = head(hidden, mtp)
+    for b in range(2):
+        for i in range(3):
+            x = [float(v) for v in hidden[b, i]] + [float(v) for v in mtp[b, i]]
+            rms = (sum(v * v for v in x) / len(x) + 1e-6) ** 0.5
+            x = [v / rms * float(w) for v, w in zip(x, head.norm.weight)]
+            inner = [sum(float(w) * v for w, v in zip(row, x)) for row in head.fc1.weight]
+            inner = [v / (1 + math.exp(-v)) for v in inner]
+            expected = sum(float(w) * v for w, v in zip(head.fc2.weight[0], inner))
+            assert float(got[b, i]) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_trained_compressors_by_hand():
+    """Both compressors on arbitrary weights, pair by pair: linear `W [e_a ; e_b] + b`, mlp `W2 silu(W1 . + b1) + b2`."""
+    gen = torch.Generator().manual_seed(1)
+    pairs = torch.randn(1, 2, 6, generator=gen)
+    for kind in ("linear", "mlp"):
+        comp = Compressor(3, kind)
+        with torch.no_grad():
+            for param in comp.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen))
+        got = comp(pairs)
+        for i in range(2):
+            x = pairs[0, i]
+            if kind == "mlp":
+                x = F.silu(comp.up.weight @ x + comp.up.bias)
+            torch.testing.assert_close(got[0, i], comp.proj.weight @ x + comp.proj.bias, rtol=1e-5, atol=1e-6)

@@ -151,3 +151,45 @@ def test_gradient_checkpointing_gives_the_same_gradients(pipo_model):
     assert plain.keys() == checkpointed.keys() and any(n.startswith("compressor.") for n in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7)
+
+
+def looped_losses(model, ids, labels):
+    """Spec section 4 per position, from a decoding loop: the backbone and the MTP head take one pair at a time
+    through their caches (another path than the teacher-forced batch), targets read at 2i+2 and 2i+3 one by one."""
+    nll1, nll2, conf_pred, conf_bce, p_gold = [], [], [], [], []
+    for row in range(ids.shape[0]):
+        cache = model.new_cache()
+        pairs = ids.shape[1] // 2
+        hidden = [model.encode_pairs(ids[row : row + 1, 2 * i : 2 * i + 2], cache=cache.backbone) for i in range(pairs)]
+        for i in range(pairs - 1):
+            token1, token2 = int(labels[row, 2 * i + 2]), int(labels[row, 2 * i + 3])
+            m = model.mtp_forward(ids[row : row + 1, 2 * i + 2 : 2 * i + 3], hidden[i], cache=cache.mtp)
+            if token1 != -100:
+                nll1.append(-model.lm_head(hidden[i])[0, 0].float().log_softmax(-1)[token1])
+            if token2 != -100:
+                p = model.lm_head(m)[0, 0].float().softmax(-1)[token2]
+                c = model.confidence_head(hidden[i], m)[0, 0]
+                nll2.append(-p.log())
+                p_gold.append(p)
+                conf_pred.append(torch.sigmoid(c))
+                conf_bce.append(-(p * F.logsigmoid(c) + (1 - p) * F.logsigmoid(-c)))
+    mean = lambda values: torch.stack(values).mean()  # noqa: E731
+    return mean(nll1), mean(nll2), mean(conf_bce), mean(conf_pred), mean(p_gold), len(nll1), len(nll2)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_pipo_losses_equal_a_per_position_decoding_loop(pipo_model, arch):
+    model = pipo_model(arch)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(5, model.config.text_config.vocab_size, (2, 14), generator=gen)
+    ids[0, 9] = model.pad_token_id  # a rejected-draft PAD in the second slot, unsupervised
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[0, 9] = -100
+    out = model.pipo_losses(ids, labels, chunk_size=3)
+    with torch.no_grad():
+        backbone, mtp, conf, pred, target, n1, n2 = looped_losses(model, ids, labels)
+    for got, expected in ((out.backbone_loss, backbone), (out.mtp_loss, mtp), (out.conf_loss, conf),
+                          (out.conf_mean_pred, pred), (out.conf_mean_target, target)):
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-5)
+    assert (out.num_backbone_tokens, out.num_mtp_tokens) == (n1, n2) == (10, 9)

@@ -1,13 +1,17 @@
-"""Reference generators: threshold semantics, PAD handling, counters, seeding."""
+"""Reference generators: threshold semantics, PAD handling, counters, seeding; greedy tokens against uncached
+recomputation from the whole sequence."""
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipo.model.reference import generate_pipo_reference, generate_regular_reference
-from pipo.model.sampling import GREEDY, SamplingParams
 from pipo.errors import PIPOError, ShapeError
+from pipo.model.backbones import mtp_layer_config
+from pipo.model.modeling import run_mtp_head
+from pipo.model.reference import generate_mtp_reference, generate_pipo_reference, generate_regular_reference
+from pipo.model.sampling import GREEDY, SamplingParams
+from tests.conftest import FAMILIES
 
 PROMPT = [11, 12, 13, 14, 15]  # odd: one PAD is appended before the backbone sees it
 
@@ -67,3 +71,51 @@ def test_bad_inputs(pipo_model):
         generate_pipo_reference(model, [], 4)
     with pytest.raises(PIPOError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def argmax_without(logits: torch.Tensor, banned: int | None) -> int:
+    logits = logits.float().clone()
+    if banned is not None:
+        logits[banned] = float("-inf")
+    return int(logits.argmax())
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_pipo_greedy_keeping_every_draft_is_the_full_forward_argmax(pipo_model, arch):
+    """Teacher-forcing the generated raw ids through the full forward gives back every token: token1 of pair
+    i+1 is the backbone's argmax at pair i, token2 the MTP head's (fed the gold token1); PAD is never chosen."""
+    model = pipo_model(arch)
+    result = run(model, -1.0, GREEDY, max_new=16)
+    prompt = PROMPT + [model.pad_token_id]  # the reference evens the prompt out the same way
+    ids = torch.tensor([prompt + result.raw_ids])
+    assert result.pad_tokens == 0 and len(result.raw_ids) == 16
+    with torch.no_grad():
+        states = model(ids, output_pair_states=True)
+    token1 = model.lm_head(states.hidden_states)[0]
+    token2 = model.lm_head(states.mtp_hidden_states)[0]
+    pad, first = model.pad_token_id, len(prompt) // 2 - 1  # pair `first` predicts the first generated token
+    expected = []
+    for i in range(first, first + len(result.raw_ids) // 2):
+        expected += [argmax_without(token1[i], pad), argmax_without(token2[i], pad)]
+    assert result.raw_ids == expected
+
+
+def test_mtp_reference_is_the_direct_uncached_loop(backbone_dir):
+    """Each step recomputed from the whole sequence without caches: the backbone's argmax, then the native MTP
+    head over (x_t+1, h_t) for every position t, its last output's argmax committed unchecked."""
+    from pipo.engine.parts import load_regular
+
+    model, mtp = load_regular(backbone_dir("qwen3_5", with_mtp=True), with_mtp=True)
+    model, mtp = model.float(), mtp.float()
+    config = mtp_layer_config(model.config)
+    sequence, expected = list(PROMPT), []
+    with torch.no_grad():
+        while len(expected) < 12:
+            hidden = model.model(torch.tensor([sequence])).last_hidden_state
+            token = argmax_without(model.lm_head(hidden[0, -1]), None)
+            m = run_mtp_head(mtp, model.model, config, torch.tensor([sequence[1:] + [token]]), hidden)
+            draft = argmax_without(model.lm_head(m[0, -1]), None)
+            expected += [token, draft]
+            sequence += [token, draft]
+    result = generate_mtp_reference(model, mtp, PROMPT, 12, GREEDY)
+    assert result.token_ids == expected and result.forward_passes == 6
