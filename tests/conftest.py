@@ -18,15 +18,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Every test starts from the same torch RNG state, whatever ran before it (any order, under xdist, alone)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def backbone_dir(tmp_path_factory):
-    """`backbone_dir(arch, **options)` -> path of a tiny checkpoint, cached per option set."""
+    """`backbone_dir(arch, **options)` -> path of a tiny checkpoint, cached per option set.
+
+    A build reseeds torch; it runs inside `fork_rng`, so whether this call built or found the
+    checkpoint leaves the caller's random stream the same.
+    """
     cache: dict = {}
 
     def build(arch: str = "qwen3_5", **options):
         key = (arch, tuple(sorted(options.items())))
         if key not in cache:
-            cache[key] = make_tiny_backbone(tmp_path_factory.mktemp(arch), arch=arch, **options)
+            with torch.random.fork_rng(devices=[]):
+                cache[key] = make_tiny_backbone(tmp_path_factory.mktemp(arch), arch=arch, **options)
         return cache[key]
 
     return build
@@ -34,11 +45,17 @@ def backbone_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pipo_model(backbone_dir):
-    """`pipo_model(arch, compressor_type)` -> a fresh fp32 PIPO model in eval mode."""
+    """`pipo_model(arch, compressor_type)` -> a fresh fp32 PIPO model in eval mode, the same whatever ran before.
+
+    The heads' random init draws from seed 0 after the backbone exists, inside `fork_rng`, so
+    building a model leaves the caller's random stream untouched.
+    """
 
     def build(arch: str = "qwen3_5", compressor_type: str = "mlp", **options):
-        torch.manual_seed(0)
-        model = PIPOForCausalLM.from_backbone(str(backbone_dir(arch, **options)), compressor_type=compressor_type)
+        path = str(backbone_dir(arch, **options))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = PIPOForCausalLM.from_backbone(path, compressor_type=compressor_type)
         return model.float().eval()
 
     return build

@@ -19,6 +19,8 @@ from pipo.train.merge import load_adapter_model  # noqa: E402
 from pipo.train.stages import PLUGIN, newest_checkpoint, run_merge, run_opd, run_sft  # noqa: E402
 
 pytestmark = pytest.mark.slow
+# the tests that share the module's SFT run (and its merge) go to one xdist worker: built once under `-n 2`
+SFT_RUN_GROUP = pytest.mark.xdist_group("swift_sft_run")
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model_type": "pipo_tiny", "lora_rank": 8, "lora_alpha": 16, "warmup_ratio": 0.0, "max_length": 512,
         "gradient_accumulation_steps": 1, "logging_steps": 1}
@@ -85,6 +87,7 @@ def test_template_encodes_pair_layout_with_think_prefix_in_prompt(backbone_dir):
     assert ids[: len(prompt)] == prompt
 
 
+@SFT_RUN_GROUP
 def test_sft_lowers_loss_and_saves_lora_and_heads(sft_run):
     checkpoint, _ = sft_run
     logs = _losses(checkpoint)
@@ -100,6 +103,7 @@ def test_sft_lowers_loss_and_saves_lora_and_heads(sft_run):
         assert any(module in k for k in keys), module
 
 
+@SFT_RUN_GROUP
 def test_merge_gives_the_adapter_model_logits(sft_run, merged):
     ids = torch.tensor([[5, 9, 17, 30, 41, 2, 8, 13]])
     adapter = load_adapter_model(sft_run[0], torch.float32).eval()
@@ -114,29 +118,88 @@ def test_merge_gives_the_adapter_model_logits(sft_run, merged):
     assert (merged / "tokenizer_config.json").is_file()
 
 
+@SFT_RUN_GROUP
 def test_rerun_of_a_finished_stage_returns_its_checkpoint(sft_run):
     checkpoint, config = sft_run
     assert run_sft(config) == checkpoint
 
 
-@pytest.mark.parametrize("divergence", ["sampled", "topk", "full"])
-def test_opd_steps_give_finite_losses(divergence, merged, backbone_dir, data, tmp_path, monkeypatch):
-    from pipo.train import rollout
+def compacted_by_hand(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's view of a rollout batch, one token at a time: PADs and padding dropped, right-padded with PAD;
+    each student position mapped to the teacher position of the last real token at or before it."""
+    rows, index = [], torch.zeros_like(ids)
+    for b in range(ids.shape[0]):
+        kept = -1
+        rows.append([])
+        for t in range(ids.shape[1]):
+            if mask[b, t] and ids[b, t] != pad:
+                rows[b].append(int(ids[b, t]))
+                kept += 1
+            index[b, t] = max(kept, 0)
+    width = max(len(r) for r in rows)
+    compact = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    compact_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return compact, compact_mask, index
+
+
+def rejected_drafts(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, pad: int) -> int:
+    """PADs in a token2 slot of the response with a real token after them (not the PAD that evens a row's end)."""
+    count = 0
+    for b in range(ids.shape[0]):
+        real = [t for t in range(ids.shape[1]) if mask[b, t] and ids[b, t] != pad]
+        start = next(t for t in range(ids.shape[1]) if labels[b, t] != -100)
+        count += sum(1 for t in range(start + 1, real[-1], 2) if ids[b, t] == pad)  # start: a pair boundary
+    return count
+
+
+@SFT_RUN_GROUP
+@pytest.mark.parametrize("divergence,threshold", [("sampled", -1.0), ("topk", 0.5), ("full", 0.5)])
+def test_opd_first_step_loss_equals_the_loss_recomputed_from_its_batch(divergence, threshold, merged, backbone_dir,
+                                                                      data, tmp_path, monkeypatch):
+    """The trainer's logged step-1 loss against `opd_losses` on the same rollout batch, with the student (the merged
+    SFT model: LoRA starts as a no-op) and the teacher run here; at threshold 0.5 the rollouts hold rejected drafts."""
+    from transformers import AutoModelForCausalLM
+
+    from pipo.train import rollout, swift_trainers
+    from pipo.train.opd import opd_losses
 
     def no_reference(*args, **kwargs):
         raise AssertionError("OPD rollouts fell back to the reference generator")
 
+    batches = []
+
+    def recording_opd_losses(*args, **kwargs):
+        batches.append(args[6].detach().clone())  # labels
+        return opd_losses(*args, **kwargs)
+
+    inputs = []
+    real_compact = swift_trainers.compact_pads
+    monkeypatch.setattr(swift_trainers, "compact_pads", lambda ids, mask, pad: inputs.append((ids.clone(), mask.clone())) or real_compact(ids, mask, pad))
+    monkeypatch.setattr(swift_trainers, "opd_losses", recording_opd_losses)
     monkeypatch.setattr(rollout, "reference_rollouts", no_reference)  # rollouts come from the batched engine
-    config = {**TINY, "model": str(merged), "teacher": str(backbone_dir("llama", hidden_size=96)), "dataset": str(data["rl"]),
+    teacher_dir = backbone_dir("llama", hidden_size=96)
+    settings = {"divergence": divergence, "conf_threshold": threshold, "topk": 4}
+    config = {**TINY, "model": str(merged), "teacher": str(teacher_dir), "dataset": str(data["rl"]), "lora_dropout": 0.0,
               "output_dir": str(tmp_path / "opd"), "max_steps": 2, "per_device_batch_size": 2, "learning_rate": 1e-3,
-              "save_steps": 2, "max_completion_length": 16, "beta": 0.5 if divergence == "full" else 1.0,
-              "pipo": {"divergence": divergence, "conf_threshold": -1.0, "topk": 4}}
+              "save_steps": 2, "max_completion_length": 16, "beta": 0.5 if divergence == "full" else 1.0, "pipo": settings}
     logs = _losses(run_opd(config))
     assert len(logs) == 2
-    for entry in logs:
-        for key in ("loss", "opd_backbone_loss", "opd_mtp_loss", "opd_conf_loss", "opd_conf_mean_pred", "opd_conf_mean_target"):
-            assert key in entry and entry[key] == entry[key] and abs(entry[key]) < 1e4, (key, entry)
-    assert any(entry["opd_conf_loss"] > 0 for entry in logs)  # drafts were committed and scored
+    for key in ("opd_backbone_loss", "opd_mtp_loss", "opd_conf_loss", "opd_conf_mean_pred", "opd_conf_mean_target"):
+        assert key in logs[0], key
+
+    student = PIPOForCausalLM.from_pretrained(str(merged)).float().eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).float().eval()
+    (ids, mask), labels, pad = inputs[0], batches[0], student.pad_token_id
+    assert (rejected_drafts(ids, mask, labels, pad) > 0) == (threshold >= 0), "0.5 should reject some drafts, -1 none"
+    compact, compact_mask, source_index = compacted_by_hand(ids, mask, pad)
+    with torch.no_grad():
+        states = student(input_ids=ids, attention_mask=mask, output_pair_states=True)
+        teacher_hidden = teacher.model(input_ids=compact, attention_mask=compact_mask).last_hidden_state
+        expected = opd_losses(states.hidden_states, states.mtp_hidden_states, states.confidence_logits,
+                              student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels, source_index,
+                              divergence=divergence, k=4, beta=config["beta"])
+    assert logs[0]["loss"] == pytest.approx(float(expected.loss), abs=2e-4, rel=1e-3)
+    assert logs[0]["opd_conf_mean_target"] == pytest.approx(float(expected.conf_mean_target), abs=2e-4, rel=1e-3)
 
 
 def test_resume_after_a_killed_run(backbone_dir, data, tmp_path):
