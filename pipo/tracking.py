@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -99,6 +97,9 @@ def server_reachable(uri: str) -> bool:
     """A quick probe of an HTTP tracking server, so a dead server costs seconds, not MLflow's retries."""
     if not uri.startswith(("http://", "https://")):
         return True
+    import urllib.error  # here, not at the top: http/ssl/email imports slow every Snakemake start
+    import urllib.request
+
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S):
             return True

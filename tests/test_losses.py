@@ -191,5 +191,5 @@ def test_pipo_losses_equal_a_per_position_decoding_loop(pipo_model, arch):
         backbone, mtp, conf, pred, target, n1, n2 = looped_losses(model, ids, labels)
     for got, expected in ((out.backbone_loss, backbone), (out.mtp_loss, mtp), (out.conf_loss, conf),
                           (out.conf_mean_pred, pred), (out.conf_mean_target, target)):
-        torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-7)  # p(gold) is ~1e-3 here
     assert (out.num_backbone_tokens, out.num_mtp_tokens) == (n1, n2) == (10, 9)
