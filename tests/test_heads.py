@@ -51,16 +51,17 @@ def test_confidence_head_values_by_hand():
         for param in head.parameters():
             param.copy_(torch.randn(param.shape, generator=gen))
     hidden, mtp = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
-    got = head(hidden, mtp)
+    got = head(hidden, mtp).tolist()
+    norm, fc1, fc2 = head.norm.weight.tolist(), head.fc1.weight.tolist(), head.fc2.weight[0].tolist()
     for b in range(2):
         for i in range(3):
-            x = [float(v) for v in hidden[b, i]] + [float(v) for v in mtp[b, i]]
+            x = hidden[b, i].tolist() + mtp[b, i].tolist()
             rms = (sum(v * v for v in x) / len(x) + 1e-6) ** 0.5
-            x = [v / rms * float(w) for v, w in zip(x, head.norm.weight)]
-            inner = [sum(float(w) * v for w, v in zip(row, x)) for row in head.fc1.weight]
+            x = [v / rms * w for v, w in zip(x, norm)]
+            inner = [sum(w * v for w, v in zip(row, x)) for row in fc1]
             inner = [v / (1 + math.exp(-v)) for v in inner]
-            expected = sum(float(w) * v for w, v in zip(head.fc2.weight[0], inner))
-            assert float(got[b, i]) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+            expected = sum(w * v for w, v in zip(fc2, inner))
+            assert got[b][i] == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_trained_compressors_by_hand():
