@@ -2,11 +2,15 @@
 
 Each stage turns a config dict into ms-swift arguments (LoRA, modules to save, schedule,
 DeepSpeed ZeRO-2 and gradient checkpointing on GPU, torchrun via NPROC_PER_NODE), runs
-ms-swift, and returns the checkpoint. A rerun after a kill resumes from the newest
-`checkpoint-*`; a finished stage leaves `pipo_stage.json` and is not run again.
+ms-swift, and returns the checkpoint. A stage records the fingerprint of its settings and
+inputs (`pipo_run.json`) when it starts: a rerun with the same fingerprint after a kill or a
+preemption resumes from the newest `checkpoint-*`; a finished stage leaves `pipo_stage.json`
+and is not run again. A changed fingerprint, or a finished run whose `pipo_stage.json` was
+deleted (Snakemake deletes a job's outputs for `--forcerun`), trains from scratch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,7 +34,8 @@ from pipo.train.validation import check_dataset, check_teacher_tokenizer, valida
 PLUGIN = Path(__file__).with_name("plugin.py").resolve()
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULES_TO_SAVE = ("compressor", "confidence_head", "mtp.fc", "mtp.pre_fc_norm_embedding", "mtp.pre_fc_norm_hidden", "mtp.norm")
-DONE_FILE = "pipo_stage.json"
+DONE_FILE = "pipo_stage.json"  # completion record: the rule's output
+RUN_FILE = "pipo_run.json"  # fingerprint of the run in progress; removed when it finishes
 
 
 @dataclass
@@ -237,22 +242,84 @@ def single_process_env() -> dict[str, str]:
     return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
 
 
-def _resumable(output_dir: str, argv: list[str]) -> tuple[Path | None, list[str]]:
-    """(finished checkpoint, or None and the arguments with `--resume_from_checkpoint` of the newest one)."""
-    done = Path(output_dir) / DONE_FILE
-    if done.is_file():
-        checkpoint = Path(json.loads(done.read_text())["checkpoint"])
-        if checkpoint.is_dir():
-            return checkpoint, argv
-    last = newest_checkpoint(output_dir)
-    return None, argv + (["--resume_from_checkpoint", str(last)] if last is not None else [])
+def _input_files(root: Path) -> list[Path]:
+    """Files of an input path; the `cache-*.arrow` files that `datasets` adds next to a dataset are not inputs."""
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file() and not (p.name.startswith("cache-") and p.suffix == ".arrow"))
 
 
-def _finish(output_dir: str, config: SFTStageConfig) -> Path:
-    checkpoint = newest_checkpoint(output_dir)
+def stage_fingerprint(config: SFTStageConfig) -> str:
+    """Hash of the settings and of every input file's name, size and mtime: cheap for 50 GB models, new after any rewrite."""
+    settings = {k: v for k, v in asdict(config).items() if k != "output_dir"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    inputs = [config.model, config.dataset, getattr(config, "teacher", "")]
+    for root in (Path(path) for path in inputs if path and Path(path).exists()):
+        for path in _input_files(root):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root) if path != root else ''}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def prepare_run(output_dir: str | Path, fingerprint: str) -> tuple[Path | None, Path | None]:
+    """(finished checkpoint, checkpoint to resume from) of the stage run with this fingerprint in `output_dir`.
+
+    A finished run with this fingerprint is returned as is; an unfinished one (killed,
+    preempted) resumes from its newest checkpoint. Anything else starts over, its
+    checkpoints removed first so that the trainer cannot pick them up.
+    """
+    out = Path(output_dir)
+    done = _read_record(out / DONE_FILE)
+    if done.get("fingerprint") == fingerprint and done.get("checkpoint") and Path(done["checkpoint"]).is_dir():
+        return Path(done["checkpoint"]), None
+    run = _read_record(out / RUN_FILE)
+    if run.get("fingerprint") == fingerprint:
+        resume = newest_checkpoint(out)
+        if resume is not None:
+            run["resumed_from"] = [*run.get("resumed_from", []), resume.name]
+            atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2))
+        return None, resume
+    for stale in out.glob("checkpoint-*"):
+        shutil.rmtree(stale)
+    for stale in (out / DONE_FILE, out / "logging.jsonl"):
+        stale.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RUN_FILE, json.dumps({"fingerprint": fingerprint, "resumed_from": []}, indent=2))
+    return None, None
+
+
+def _reached_max_steps(checkpoint: Path) -> bool:
+    """A checkpoint saved at the last step (killed before the completion record): resuming would train one step past."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+
+
+def _train(command: str, argv: list[str], config: SFTStageConfig) -> Path:
+    """Run the stage unless finished: resumed, or from scratch (see `prepare_run`); returns the final checkpoint."""
+    fingerprint = stage_fingerprint(config)
+    finished, resume = prepare_run(config.output_dir, fingerprint)
+    if finished is not None:
+        return finished
+    if resume is None or not _reached_max_steps(resume):
+        run_swift(command, argv + (["--resume_from_checkpoint", str(resume)] if resume is not None else []),
+                  config.nproc_per_node)
+    return _finish(config.output_dir, config, fingerprint)
+
+
+def _finish(output_dir: str, config: SFTStageConfig, fingerprint: str) -> Path:
+    """Write the completion record (with the run's fingerprint and resumes), then drop the in-progress record."""
+    out = Path(output_dir)
+    checkpoint = newest_checkpoint(out)
     if checkpoint is None:
         raise PIPOError(f"ms-swift finished without a checkpoint in {output_dir}")
-    atomic_write_text(Path(output_dir) / DONE_FILE, json.dumps({"checkpoint": str(checkpoint), "config": asdict(config)}, indent=2))
+    record = {"checkpoint": str(checkpoint), "fingerprint": fingerprint,
+              "resumed_from": _read_record(out / RUN_FILE).get("resumed_from", []), "config": asdict(config)}
+    atomic_write_text(out / DONE_FILE, json.dumps(record, indent=2))
+    (out / RUN_FILE).unlink(missing_ok=True)
     return checkpoint
 
 
@@ -260,11 +327,7 @@ def run_sft(config: SFTStageConfig | dict[str, Any]) -> Path:
     """Train PIPO from a backbone (or PIPO checkpoint) with LoRA; returns the final LoRA checkpoint."""
     config = config if isinstance(config, SFTStageConfig) else SFTStageConfig.from_dict(config)
     check_dataset(config.dataset, "sft")
-    finished, argv = _resumable(config.output_dir, sft_swift_args(config))
-    if finished is not None:
-        return finished
-    run_swift("sft", argv, config.nproc_per_node)
-    return _finish(config.output_dir, config)
+    return _train("sft", sft_swift_args(config), config)
 
 
 def run_opd(config: OPDStageConfig | dict[str, Any]) -> Path:
@@ -273,11 +336,7 @@ def run_opd(config: OPDStageConfig | dict[str, Any]) -> Path:
     check_dataset(config.dataset, "opd")
     if Path(config.model).is_dir() and Path(config.teacher).is_dir():
         check_teacher_tokenizer(config.model, config.teacher)
-    finished, argv = _resumable(config.output_dir, opd_swift_args(config))
-    if finished is not None:
-        return finished
-    run_swift("rlhf", argv, config.nproc_per_node)
-    return _finish(config.output_dir, config)
+    return _train("rlhf", opd_swift_args(config), config)
 
 
 def run_cache(model: str, dataset: str, output_dir: str, model_type: str = "pipo_qwen3_5", max_length: int = 65535) -> Path:
