@@ -21,6 +21,7 @@ STATE = Path("/var/lib/pipo-test-slurm")
 ACCOUNT = "pipo"
 CLUSTER = "pipo"
 DB_USER, DB_PASSWORD, DB_NAME = "slurm", "pipo-test", "slurm_acct_db"
+DB_PORT = 3399  # not 3306: a MariaDB that the package started may hold it
 PACKAGES = {"munged": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client"}
 ACCOUNTING_PACKAGES = {"slurmdbd": "slurmdbd", "mariadbd": "mariadb-server"}
 
@@ -51,7 +52,7 @@ def _memory_mb() -> int:
 def slurm_conf(host: str, cpus: int, memory_mb: int, accounting: bool, state: Path) -> str:
     """slurm.conf of a one-node cluster with a `gpu` partition (see SLURM notes in README)."""
     storage = (
-        ["AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=localhost",
+        ["AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=localhost", "AccountingStorageTRES=gres/gpu",
          "JobAcctGatherType=jobacct_gather/linux"]
         if accounting
         else ["AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none"]
@@ -197,7 +198,7 @@ class LocalCluster:
         self.socket = run / "mysqld.sock"
         self._spawn("mariadbd", [_program("mariadbd"), "--user=mysql", f"--datadir={data}",
                                  f"--socket={self.socket}", f"--pid-file={run}/mysqld.pid", "--skip-networking=0",
-                                 "--bind-address=127.0.0.1", "--port=3306", "--innodb-buffer-pool-size=64M"])
+                                 "--bind-address=127.0.0.1", f"--port={DB_PORT}", "--innodb-buffer-pool-size=64M"])
         sql = ["mariadb", f"--socket={self.socket}", "-uroot"]
         self._wait("MariaDB", lambda: self._ok([*sql, "-e", "select 1"]))
         script = (f"CREATE DATABASE IF NOT EXISTS {DB_NAME};"
@@ -220,7 +221,7 @@ class LocalCluster:
             dbd.write_text("\n".join([
                 "AuthType=auth/munge", "DbdHost=localhost", "SlurmUser=root",
                 f"PidFile={self.state}/slurmdbd.pid",
-                "StorageType=accounting_storage/mysql", "StorageHost=127.0.0.1", "StoragePort=3306",
+                "StorageType=accounting_storage/mysql", "StorageHost=127.0.0.1", f"StoragePort={DB_PORT}",
                 f"StorageUser={DB_USER}", f"StoragePass={DB_PASSWORD}", f"StorageLoc={DB_NAME}", "",
             ]))
             os.chmod(dbd, 0o600)
