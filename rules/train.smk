@@ -1,7 +1,8 @@
 # PIPO SFT from the base student, OPD from the merged SFT checkpoint, each merged into a
 # standalone PIPO checkpoint. A training rule's output is the stage's completion record
 # (pipo_stage.json, written last): its checkpoint-* folders survive a failed job, so a
-# rerun resumes from the newest one.
+# rerun resumes from the newest one; `--forcerun` deletes the record, and the stage then
+# trains from scratch (as it does when its settings or inputs changed).
 
 
 rule sft:

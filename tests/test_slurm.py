@@ -36,11 +36,12 @@ pytestmark = [
 ]
 pytest.importorskip("swift")
 LOCK = Path("/tmp/pipo-test-slurm.lock")
-SFT_STEPS, OPD_STEPS = 40, 4
-SHORT = ("--config", f"sft={{max_steps: {SFT_STEPS}, save_steps: 5}}", f"opd={{max_steps: {OPD_STEPS}, save_steps: 2}}",
-         "resources={sft: {gpus: 1}}")
 DEMO = yaml.safe_load((ROOT / "presets/demo.yaml").read_text())
 STUDENT = DEMO["models"]["student"]["name"]
+SFT_STEPS, OPD_STEPS = 40, 4
+SHORT = ("--config", f"sft={{max_steps: {SFT_STEPS}, save_steps: 5}}", f"opd={{max_steps: {OPD_STEPS}, save_steps: 2}}",
+         "eval={benchmarks: {%s}}" % ", ".join(f"{name}: {{limit: 16}}" for name in DEMO["eval"]["benchmarks"]),
+         "resources={sft: {gpus: 1}}")  # short training and evaluation; SFT is the GPU rule
 
 
 @contextmanager
@@ -81,7 +82,7 @@ def finish(process: subprocess.Popen) -> str:
 
 def submitted(output: str) -> dict[str, str]:
     """SLURM job id -> rule, from the plugin's 'submitted with SLURM jobid' lines."""
-    return {jobid: rule for rule, jobid in re.findall(r"log: \S+/rule_(\w+)/\S*?/?(\d+)\.log\)", output)}
+    return dict(re.findall(r"has been submitted with SLURM jobid (\d+) \(log: \S+/rule_(\w+)/", output))
 
 
 def executed(output: str) -> list[tuple[str, str]]:
@@ -93,12 +94,12 @@ def executed(output: str) -> list[tuple[str, str]]:
 def sacct_states() -> dict[str, tuple[str, str]]:
     """SLURM job id -> (state, allocated TRES) from accounting."""
     rows = subprocess.run(["sacct", "-X", "-n", "--parsable2", "--format=JobIdRaw,State,AllocTRES"],
-                          capture_output=True, text=True, check=True).stdout.split()
-    return {jobid: (state, tres) for jobid, state, tres in (row.split("|") for row in rows)}
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    return {jobid: (state.split()[0], tres) for jobid, state, tres in (row.split("|") for row in rows)}  # "CANCELLED by 0"
 
 
-def cancel_sft_after_first_checkpoint(workdir: Path, run: subprocess.Popen) -> str:
-    """Wait for SFT's first checkpoint, `scancel` its job; the checkpoint's name."""
+def cancel_sft_after_first_checkpoint(workdir: Path, run: subprocess.Popen) -> int:
+    """Wait for SFT's first checkpoint, `scancel` its job; the step of the newest checkpoint it left."""
     out = workdir / f"results/train/{STUDENT}/sft"
     deadline = time.monotonic() + 1200
     while newest_checkpoint(out) is None:
@@ -108,9 +109,9 @@ def cancel_sft_after_first_checkpoint(workdir: Path, run: subprocess.Popen) -> s
     sft = [line.split("|")[0] for line in jobs.splitlines() if line.split("|")[1].startswith("rule_sft_")]
     assert sft, f"no running SFT job to cancel: {jobs!r}"
     subprocess.run(["scancel", sft[0]], check=True)
-    checkpoint = newest_checkpoint(out)
-    assert int(checkpoint.name.split("-")[1]) < SFT_STEPS, "SFT finished before it was cancelled"
-    return checkpoint.name
+    step = int(newest_checkpoint(out).name.split("-")[1])
+    assert step < SFT_STEPS, "SFT finished before it was cancelled"
+    return step
 
 
 def test_demo_dag_with_accounting_scancel_resume_and_forcerun(tmp_path):
@@ -131,7 +132,8 @@ def test_demo_dag_with_accounting_scancel_resume_and_forcerun(tmp_path):
 
         sft_dir = workdir / f"results/train/{STUDENT}/sft"
         done = json.loads((sft_dir / "pipo_stage.json").read_text())
-        assert done["resumed_from"] == [cancelled_at] and done["checkpoint"].endswith(f"checkpoint-{SFT_STEPS}")
+        assert done["checkpoint"].endswith(f"checkpoint-{SFT_STEPS}") and len(done["resumed_from"]) == 1
+        assert cancelled_at <= int(done["resumed_from"][0].split("-")[1]) < SFT_STEPS  # the resubmitted job resumed
         killed = min(j for j, rule in jobs.items() if rule == "sft")
         assert (workdir / "results/logs/slurm/rule_sft" / STUDENT / f"{killed}.log").is_file()  # failed job's log kept
         db = sqlite3.connect(workdir / "results/mlflow.db")
