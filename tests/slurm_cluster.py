@@ -8,6 +8,7 @@ test process and is stopped by its pid. The node `gpu` partition has two fake GP
 """
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -120,7 +121,13 @@ class LocalCluster:
         return self
 
     def stop(self) -> None:
-        """SIGTERM each daemon by pid (newest first), SIGKILL after 20 s."""
+        """Cancel the cluster's jobs (their job steps outlive slurmd), then SIGTERM each daemon by pid, newest first."""
+        if any(name == "slurmctld" and p.poll() is None for name, p in self.processes):
+            subprocess.run(["scancel", "--full", "--user", getpass.getuser()], capture_output=True, timeout=30)
+            try:
+                self._wait("the cancelled jobs to end", lambda: not self._out(["squeue", "-h"]).strip(), timeout=60)
+            except ClusterError:
+                pass  # a daemon died or a job hangs: stopping the daemons below is all that is left to do
         while self.processes:
             _, process = self.processes.pop()
             if process.poll() is None:
