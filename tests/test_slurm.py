@@ -1,7 +1,7 @@
 """The demo DAG through a real single-node SLURM cluster (`tests/slurm_cluster.py`) with `snakemake --profile slurm`.
 
 With accounting (MariaDB + slurmdbd, job states by `sacct`): the whole demo DAG, with its SFT job
-cancelled (`scancel`) after its first checkpoint, so that the resubmitted job resumes from it; then
+killed after its first checkpoint, so that the resubmitted job resumes from it; then
 `--forcerun opd` retrains OPD from step 1 and reruns exactly the jobs downstream of it. Without
 accounting (job states by `squeue`): a short DAG slice. Training is shortened with `--config`.
 
@@ -10,9 +10,11 @@ that cannot start fails it, and elsewhere only with PIPO_TEST_SLURM=1.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import time
@@ -94,8 +96,12 @@ def sacct_states() -> dict[str, tuple[str, str]]:
     return {jobid: (state.split()[0], tres) for jobid, state, tres in (row.split("|") for row in rows)}  # "CANCELLED by 0"
 
 
-def cancel_sft_after_first_checkpoint(workdir: Path, run: subprocess.Popen) -> int:
-    """Wait for SFT's first checkpoint, `scancel` its job; the step of the newest checkpoint it left."""
+def kill_sft_after_first_checkpoint(workdir: Path, run: subprocess.Popen) -> int:
+    """Wait for SFT's first checkpoint, SIGKILL its job's processes; the step of the newest checkpoint it left.
+
+    Killing the processes (as the OOM killer or a dying node does) makes the job FAILED. Not `scancel`:
+    the plugin (2.8.0) reads sacct's "CANCELLED by <uid>" as still running and waits forever.
+    """
     out = workdir / f"results/train/{STUDENT}/sft"
     deadline = time.monotonic() + 1800
     while newest_checkpoint(out) is None:
@@ -103,10 +109,13 @@ def cancel_sft_after_first_checkpoint(workdir: Path, run: subprocess.Popen) -> i
         time.sleep(0.5)
     jobs = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i|%k"], capture_output=True, text=True).stdout
     sft = [line.split("|")[0] for line in jobs.splitlines() if line.split("|")[1].startswith("rule_sft_")]
-    assert sft, f"no running SFT job to cancel: {jobs!r}"
-    subprocess.run(["scancel", sft[0]], check=True)
+    assert sft, f"no running SFT job to kill: {jobs!r}"
+    listed = subprocess.run(["scontrol", "listpids", sft[0]], capture_output=True, text=True, check=True).stdout
+    for pid in re.findall(r"^(\d+)\s", listed, re.MULTILINE):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
     step = int(newest_checkpoint(out).name.split("-")[1])
-    assert step < SFT_STEPS, "SFT finished before it was cancelled"
+    assert step < SFT_STEPS, "SFT finished before it was killed"
     return step
 
 
@@ -123,7 +132,7 @@ def demo_dag_with_accounting(workdir: Path) -> None:
         started = time.monotonic()
         run = profile_run(workdir, "all", "--configfile", "presets/demo.yaml", *SHORT)
         try:
-            cancelled_at = cancel_sft_after_first_checkpoint(workdir, run)
+            killed_at = kill_sft_after_first_checkpoint(workdir, run)
             output = finish(run)
         finally:
             if run.poll() is None:
@@ -133,7 +142,7 @@ def demo_dag_with_accounting(workdir: Path) -> None:
         assert "invalid option" not in output  # no account guess: the profile named the account
         jobs, states = submitted(output), sacct_states()
         assert set(jobs.values()) >= {"sft", "merge", "opd", "generate", "score", "report"} and set(jobs) <= set(states)
-        assert [states[j][0] for j, rule in jobs.items() if rule == "sft"] == ["CANCELLED", "COMPLETED"]
+        assert [states[j][0] for j, rule in jobs.items() if rule == "sft"] == ["FAILED", "COMPLETED"]
         assert all(state == "COMPLETED" for j, (state, _) in states.items() if jobs.get(j) != "sft")
         assert all("gres/gpu=1" in states[j][1] for j, rule in jobs.items() if rule == "sft")
         assert not any("gres/gpu" in states[j][1] for j, rule in jobs.items() if rule == "opd")
@@ -141,8 +150,8 @@ def demo_dag_with_accounting(workdir: Path) -> None:
         sft_dir = workdir / f"results/train/{STUDENT}/sft"
         done = json.loads((sft_dir / "pipo_stage.json").read_text())
         assert done["checkpoint"].endswith(f"checkpoint-{SFT_STEPS}") and len(done["resumed_from"]) == 1
-        assert cancelled_at <= int(done["resumed_from"][0].split("-")[1]) < SFT_STEPS  # the resubmitted job resumed
-        killed = min(j for j, rule in jobs.items() if rule == "sft")
+        assert killed_at <= int(done["resumed_from"][0].split("-")[1]) < SFT_STEPS  # the resubmitted job resumed
+        killed = min((j for j, rule in jobs.items() if rule == "sft"), key=int)
         assert (workdir / "results/logs/slurm/rule_sft" / STUDENT / f"{killed}.log").is_file()  # failed job's log kept
         db = sqlite3.connect(workdir / "results/mlflow.db")
         tagged = {value for (value,) in db.execute("select value from tags where key = 'slurm.job_id'")}
@@ -151,7 +160,7 @@ def demo_dag_with_accounting(workdir: Path) -> None:
         opd_dir = workdir / f"results/train/{STUDENT}/opd"
         before = (opd_dir / f"checkpoint-{OPD_STEPS}" / "trainer_state.json").stat().st_mtime_ns
         forced = finish(profile_run(workdir, "all", "--configfile", "presets/demo.yaml", *SHORT, "--forcerun", "opd"))
-        print(f"SLURM demo DAG with accounting, scancel and --forcerun opd: {time.monotonic() - started:.0f} s")
+        print(f"SLURM demo DAG with accounting, a killed SFT job and --forcerun opd: {time.monotonic() - started:.0f} s")
         reran = executed(forced)
         assert sorted(rule for rule, _ in reran if rule not in ("generate", "score")) == ["all", "merge", "opd", "report"]
         assert ("merge", f"model={STUDENT}, stage=opd") in reran

@@ -285,7 +285,7 @@ def prepare_run(output_dir: str | Path, fingerprint: str) -> tuple[Path | None, 
         return None, resume
     for stale in out.glob("checkpoint-*"):
         shutil.rmtree(stale)
-    for stale in (out / DONE_FILE, out / "logging.jsonl"):
+    for stale in (out / DONE_FILE, out / "logging.jsonl", out / "last-checkpoint"):  # ms-swift: log, symlink
         stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RUN_FILE, json.dumps({"fingerprint": fingerprint, "resumed_from": []}, indent=2))
