@@ -177,6 +177,8 @@ class Decoder:
         self.row = RowParams(floats[0], floats[1], torch.zeros(slots, dtype=torch.long, device=self.device),
                              floats[2], floats[3])
         self.seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
+        # the noise is a dozen elementwise integer ops over [B, vocab]: one fused kernel when compiled
+        self.row_uniforms = torch.compile(row_uniforms, dynamic=None) if config.compile_layers else row_uniforms
         pool = torch.cuda.graph_pool_handle() if graphs else None
         self.backbone_step = GraphedFn(self._backbone_step, pool)
         self.mtp_step = GraphedFn(self._mtp_step, pool)
@@ -282,7 +284,7 @@ class Decoder:
         """Counter-based uniforms [B, width] of the rows at their current cache lengths (None when all greedy)."""
         if self.mode.greedy:
             return None
-        return row_uniforms(self.seeds[rows], self.lengths[rows], salt, width or self.vocab)
+        return self.row_uniforms(self.seeds[rows], self.lengths[rows], salt, width or self.vocab)
 
     def probs(self, logits: torch.Tensor, rows: slice, seen: torch.Tensor, repeat: int = 1) -> torch.Tensor:
         """Processed distributions of logits [B * repeat, V] (each row's `repeat` entries consecutive)."""

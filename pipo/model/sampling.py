@@ -177,6 +177,8 @@ class SamplingMode:
     top_k: int = 0  # the largest top-k over the rows, rounded up to a power of two; 0: none
     top_p: bool = False
     min_p: bool = False
+    top_k_all: bool = False  # every sampled row has a top-k: top-p then needs only the top-k values, no sort
+
 
     @staticmethod
     def of(params: "list[SamplingParams]") -> "SamplingMode":
@@ -187,6 +189,7 @@ class SamplingMode:
             top_k=1 << (top_k - 1).bit_length() if top_k else 0,
             top_p=any(p.top_p < 1 and not p.greedy for p in params),
             min_p=any(p.min_p > 0 and not p.greedy for p in params),
+            top_k_all=all(p.top_k > 0 for p in params if not p.greedy),
         )
 
 
@@ -228,6 +231,13 @@ def row_logits(
         values = torch.topk(z, k, dim=-1).values
         kth = values.gather(1, (params.top_k.clamp(1, k) - 1)[:, None])
         z = z.masked_fill((params.top_k > 0)[:, None] & (z < kth), float("-inf"))
+        if mode.top_p and mode.top_k_all:  # the nucleus lies inside the top-k values (sorted already)
+            values = values.masked_fill(torch.arange(k, device=z.device)[None] >= params.top_k[:, None],
+                                        float("-inf"))
+            probs = _softmax(values)
+            keep = ((probs.cumsum(-1) - probs) < params.top_p[:, None]).sum(-1, keepdim=True)
+            z = z.masked_fill(z < values.gather(1, keep - 1), float("-inf"))
+            mode = SamplingMode(mode.greedy, mode.penalty, mode.top_k, False, mode.min_p, mode.top_k_all)
     if mode.top_p:
         probs = _softmax(z)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
