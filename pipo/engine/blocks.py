@@ -88,8 +88,6 @@ class PrefixCache:
 
     def lookup(self, units: tuple[int, ...], width: int, block_size: int) -> CachedPrompt | None:
         """The longest cached prompt that `units` starts with (a whole number of `width`-token units)."""
-        self.lookups += 1
-        self.looked_blocks += len(units) // width // block_size
         best = self.entries.get(units)
         if best is None:
             for key, entry in self.entries.items():
@@ -98,9 +96,15 @@ class PrefixCache:
                     best = entry
         if best is not None:
             self.entries.move_to_end(best.units)
-            best.hits += 1
-            self.hit_blocks += best.length // block_size
         return best
+
+    def count(self, units: tuple[int, ...], hit: CachedPrompt | None, width: int, block_size: int) -> None:
+        """Statistics of an admitted prompt: its blocks, and those its cache hit served."""
+        self.lookups += 1
+        self.looked_blocks += len(units) // width // block_size
+        if hit is not None:
+            hit.hits += 1
+            self.hit_blocks += hit.length // block_size
 
     def store(self, entry: CachedPrompt) -> None:
         old = self.entries.pop(entry.units, None)

@@ -173,9 +173,9 @@ class Decoder:
         self.h_last = torch.zeros(slots, hidden, dtype=param.dtype, device=self.device)
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=self.device)
         self.pending = torch.zeros(slots, max(self.room, self.unit_width), dtype=torch.long, device=self.device)
-        floats = [torch.zeros(slots, device=self.device) for _ in range(4)]
-        self.row = RowParams(floats[0], floats[1], torch.zeros(slots, dtype=torch.long, device=self.device),
-                             floats[2], floats[3])
+        floats = [torch.zeros(slots, device=self.device) for _ in range(3)]
+        self.row = RowParams(floats[0], torch.ones(slots, device=self.device),
+                             torch.zeros(slots, dtype=torch.long, device=self.device), floats[1], floats[2])
         self.seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
         # the noise is a dozen elementwise integer ops over [B, vocab]: one fused kernel when compiled
         self.row_uniforms = torch.compile(row_uniforms, dynamic=None) if config.compile_layers else row_uniforms
@@ -258,15 +258,18 @@ class Decoder:
     # ---------------------------------------------------------------- sampling
     def set_mode(self, mode: SamplingMode) -> None:
         """The sampling transforms the running rows need; under CUDA graphs each mode's sampling steps are
-        captured once (their warm-ups run on live buffers, harmless: every slot is reset before use)."""
+        captured once, maybe while sequences run: the buffers their warm-ups write are put back after."""
         if mode not in self.samplers:
             self.mode = mode
             fns = {name: GraphedFn(getattr(self, name)) for name in self.sample_fns}
-            if self.graphs_enabled:
+            if self.graphs_enabled and self.buckets:
+                kept = (self.pending.clone(), self.seen.clone())
                 with torch.no_grad():
                     for batch in self.buckets:
                         for name, examples in self.sample_examples(batch).items():
                             fns[name].capture(slice(0, batch), self.capacity, *examples, share=True)
+                self.pending.copy_(kept[0])
+                self.seen.copy_(kept[1])
             self.samplers[mode] = fns
         self.mode = mode
         self.sampler = self.samplers[mode]

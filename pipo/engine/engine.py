@@ -408,6 +408,7 @@ class Engine:
                 self.pool.release(hit.blocks)
             return False
         fresh = self.pool.take(need)
+        self.prefix_cache.count(seq.feed, hit, w, bs)
         seq.slot, seq.row = heapq.heappop(self.free_slots), heapq.heappop(self.free_rows)
         seq.order = self.admitted = self.admitted + 1
         seq.start()

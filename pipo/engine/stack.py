@@ -243,7 +243,7 @@ class PagedStack:
             out = F.scaled_dot_product_attention(
                 q, k_cache, v_cache, attn_mask=mask[:, None].repeat(1, 1, q.shape[2] // steps, 1), scale=attn.scaling,
             )
-        return out.view(batch, -1, steps, d)
+        return out.reshape(batch, -1, steps, d)
 
     def _delta_rule(
         self,

@@ -164,8 +164,8 @@ def row_uniforms(seeds: torch.Tensor, counters: torch.Tensor, salt: int, width: 
     """
     key = _mix32(seeds ^ _mix32((counters * 128 + salt) & _MASK32))
     cols = _mix32(torch.arange(width, device=seeds.device, dtype=torch.long) ^ 0x2545F491)
-    bits = _mix32(key[:, None] ^ cols[None, :])
-    return (bits.float() + 0.5) * (1.0 / 4294967296.0)
+    bits = _mix32(key[:, None] ^ cols[None, :]) >> 8  # 24 bits: exact in float32, so u never rounds to 1
+    return (bits.float() + 0.5) * (1.0 / 16777216.0)
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ def row_logits(
             values = values.masked_fill(torch.arange(k, device=z.device)[None] >= params.top_k[:, None],
                                         float("-inf"))
             probs = _softmax(values)
-            keep = ((probs.cumsum(-1) - probs) < params.top_p[:, None]).sum(-1, keepdim=True)
+            keep = ((probs.cumsum(-1) - probs) < params.top_p[:, None]).sum(-1, keepdim=True).clamp_min(1)
             z = z.masked_fill(z < values.gather(1, keep - 1), float("-inf"))
             mode = SamplingMode(mode.greedy, mode.penalty, mode.top_k, False, mode.min_p, mode.top_k_all)
     if mode.top_p:
