@@ -151,3 +151,22 @@ def test_paged_triton_kernel_matches_sdpa(monkeypatch):
     mask = (torch.arange(blocks * bs)[None, None] <= positions[:, :, None])[:, None].repeat(1, 1, group, 1)
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d**-0.5)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_counter_based_draws_keep_the_laws():
+    """Counter-based noise: the race samples p, and speculative acceptance with it emits tokens distributed as p."""
+    from pipo.engine import speculative_accept
+    from pipo.model.sampling import derive_seed, row_uniforms, sample_probs, seed32
+
+    trials = 40000
+    p = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.2, 0.3, 0.2, 0.1]])
+    q = torch.tensor([0.05, 0.05, 0.3, 0.3, 0.2, 0.1])
+    seeds = torch.tensor([seed32(derive_seed(3, j)) for j in range(trials)])
+    counters = torch.full((trials,), 7)
+    drafts = sample_probs(q.expand(trials, 6), row_uniforms(seeds, counters, 1, 6))
+    accepted, bonus = speculative_accept(p.expand(trials, 2, 6), q.expand(trials, 1, 6), drafts[:, None],
+                                         uniforms=row_uniforms(seeds, counters, 64, 1),
+                                         residual_uniforms=row_uniforms(seeds, counters, 65, 6))
+    for law, tokens in ((q, drafts), (p[0], torch.where(accepted == 1, drafts, bonus))):
+        freq = torch.bincount(tokens, minlength=6).float() / trials
+        assert (freq - law).abs().sum() / 2 < 0.01  # total variation; ~0.004 expected at this sample size

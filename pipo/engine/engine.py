@@ -181,6 +181,12 @@ class Engine:
         self.touched: list[Sequence] = []  # sequences the current step moved
         self.oom_streak = 0
 
+    @staticmethod
+    def blocks_for(method: str, max_seq_len: int, sequences: int, block_size: int = 32, eagle_k: int = 3) -> int:
+        """The `num_blocks` that holds `sequences` sequences of `max_seq_len` at once (never preempts)."""
+        config = DecodeConfig(eagle_k=eagle_k, block_size=block_size)
+        return sequences * -(-DECODERS[method].capacity_probe(max_seq_len, config) // block_size) + 1
+
     @property
     def model_name(self) -> str:
         return self.parts.name
@@ -448,7 +454,7 @@ class Engine:
             if seq.prefilled < total:
                 break
             self.prefilling.remove(seq)
-            if not seq.raw:
+            if not seq.raw and seq.stats.forward_passes:  # a prompt it prefilled (not one served whole by the cache)
                 self._cache_prompt(seq)
             self._to_decode(seq)
             started.append(seq)
