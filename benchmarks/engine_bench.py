@@ -23,7 +23,7 @@ from pipo.engine.kernels import fla_ops
 from pipo.engine.sequence import Sequence, StopStrings
 from pipo.model.config import PIPOConfig
 from pipo.model.modeling import PIPOForCausalLM
-from pipo.model.sampling import SamplingParams
+from pipo.model.sampling import SamplingMode, SamplingParams
 
 PAD = 248044
 
@@ -75,18 +75,30 @@ def step_bytes(method: str, cfg, pipo: PIPOForCausalLM, batch: int, ctx: int, k:
     return body + lm + batch * (kv_entry * ctx * full + state * linear)
 
 
-def time_steps(engine: Engine, batch: int, ctx: int, steps: int) -> tuple[float, float]:
-    """Seconds per decode step and tokens emitted per step, every slot active at context `ctx`."""
+def place(engine: Engine, batch: int, ctx: int) -> dict[int, Sequence]:
+    """Sequences in slots [0, batch) positioned at context `ctx`, each with the KV blocks it reads and writes,
+    sampling at temperature 1 (values do not change a step's work)."""
     dec = engine.decoder
-    dec.configure(SamplingParams(), 0, [PAD] if engine.method == "pipo" else [])
+    dec.set_mode(SamplingMode.of([SamplingParams()]))
     units = ctx // dec.unit_width
     seqs = {}
     for slot in range(batch):
         seq = Sequence(0, slot, [1] * ctx, tuple([1] * ctx), 10**9, frozenset(), StopStrings(None, ()))
         seq.start()
         seq.length = units
+        seq.blocks = engine.pool.take(-(-min(units + 2 * dec.room, dec.capacity) // dec.block_size))
+        dec.tables[slot, : len(seq.blocks)] = torch.tensor(seq.blocks, device=dec.device)
+        dec.set_row(slot, SamplingParams(), slot)
         seqs[slot] = seq
     dec.lengths[:batch] = units
+    return seqs
+
+
+def time_steps(engine: Engine, batch: int, ctx: int, steps: int) -> tuple[float, float]:
+    """Seconds per decode step and tokens emitted per step, every slot active at context `ctx`."""
+    dec = engine.decoder
+    units = ctx // dec.unit_width
+    seqs = place(engine, batch, ctx)
     in_flight = None
     for i in range(steps + 3):
         if i == 3:
@@ -105,6 +117,9 @@ def time_steps(engine: Engine, batch: int, ctx: int, steps: int) -> tuple[float,
     torch.cuda.synchronize()
     per_step = (time.perf_counter() - start) / steps
     emitted = sum(s.stats.emitted_tokens for s in seqs.values()) / (steps + 3)
+    for seq in seqs.values():
+        engine.pool.release(seq.blocks)
+    dec.tables.zero_()
     return per_step, emitted
 
 
@@ -136,6 +151,7 @@ def ttft(engine: Engine, ctx: int, warmups: int = 2, repeats: int = 3) -> float:
     """Best of `repeats` prefills after `warmups` (new prefill shapes compile on first use)."""
     prompt = torch.randint(0, 240000, (ctx - 1,)).tolist()
     engine.prefix_cache.capacity = 0
+    engine.prefix_cache.clear()
     for _ in range(warmups):
         engine.generate([prompt], max_new_tokens=1)
     torch.cuda.synchronize()

@@ -179,6 +179,7 @@ def generate_args(section: Mapping[str, Any]) -> list[str]:
         "presence_penalty": "--presence-penalty", "max_new_tokens": "--max-new-tokens",
         "max_seq_len": "--max-seq-len", "batch_size": "--batch-size", "backend": "--backend", "seed": "--seed",
         "conf_threshold": "--conf-threshold", "eagle_k": "--eagle-k",
+        "gpu_memory_utilization": "--gpu-memory-utilization", "num_blocks": "--num-blocks",
     }
     args: list[str] = []
     for key, flag in options.items():

@@ -99,20 +99,21 @@ def test_speculative_accept_preserves_target_distribution():
 def test_eagle_sampled_distribution_matches_regular(regular_models):
     """On an effectively tiny vocabulary (top-k 3), the first three tokens of eagle and regular agree in law.
 
-    Joint distribution over 27 outcomes from 600 samples each; total-variation distance
-    below 0.12 (two independent samples of the same law give about 0.08 here).
+    Joint distribution over 27 outcomes from 1,800 samples each; total-variation distance below
+    0.1 (two independent samples of the same law, `regular` with other seeds, give 0.115-0.12 at 600
+    samples here, so about 0.07 at 1,800).
     """
     path, _, _ = regular_models("qwen3_5")
     params = SamplingParams(temperature=1.5, top_k=3)
     counts = {}
     for method in ("regular", "eagle"):
         engine = Engine(path, method, max_batch_size=64, max_seq_len=64, eagle_k=2, eos_token_ids=[])
-        out = engine.generate([[5, 6, 7]], params, max_new_tokens=3, n=600, seed=3)[0]
+        out = engine.generate([[5, 6, 7]], params, max_new_tokens=3, n=1800, seed=3)[0]
         keys = [tuple(c.token_ids) for c in out]
         counts[method] = {k: keys.count(k) / len(keys) for k in set(keys)}
     support = set(counts["regular"]) | set(counts["eagle"])
     tv = sum(abs(counts["regular"].get(k, 0) - counts["eagle"].get(k, 0)) for k in support) / 2
-    assert tv < 0.12, tv
+    assert tv < 0.1, tv
 
 
 def test_stops_and_budget(regular_models):

@@ -1,5 +1,6 @@
-"""PIPO's inference engine: regular / pipo / mtp / eagle decoding with static caches, continuous batching,
-a prefix cache of compressed prompt pairs, CUDA graphs on GPU; the same code on CPU.
+"""PIPO's inference engine: regular / pipo / mtp / eagle decoding over paged KV memory with continuous batching,
+preemption, prompt blocks shared by samples, a block prefix cache, chunked prefill, per-sequence seeded sampling,
+a request API for serving, CUDA graphs on GPU; the same code on CPU.
 
 The names below load on first access (PEP 562): `pipo generate --help` and `METHODS` need no torch.
 """
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipo.engine.decoding import speculative_accept
-    from pipo.engine.engine import Engine, PrefixCache, open_engine
+    from pipo.engine.blocks import BlockPool, PrefixCache
+    from pipo.engine.engine import Engine, Update, open_engine
     from pipo.engine.parts import build_native_mtp, load_regular
     from pipo.engine.sequence import Completion, RequestStats
 
@@ -18,9 +20,11 @@ METHODS = ("regular", "pipo", "mtp", "eagle")
 
 # public name -> the submodule that defines it
 _SOURCES = {
+    "BlockPool": "pipo.engine.blocks",
     "Completion": "pipo.engine.sequence",
     "Engine": "pipo.engine.engine",
-    "PrefixCache": "pipo.engine.engine",
+    "PrefixCache": "pipo.engine.blocks",
+    "Update": "pipo.engine.engine",
     "RequestStats": "pipo.engine.sequence",
     "build_native_mtp": "pipo.engine.parts",
     "load_regular": "pipo.engine.parts",

@@ -58,8 +58,12 @@ def register(subparsers) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
     p.add_argument("--eagle-k", type=int, default=3, help="eagle: tokens drafted per step")
-    p.add_argument("--batch-size", type=int, default=8, help="decode slots")
-    p.add_argument("--max-seq-len", type=int, default=8192, help="prompt + completion tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences in flight at most (decode slots)")
+    p.add_argument("--max-seq-len", type=int, default=8192,
+                   help="prompt + completion tokens per sequence (a limit: KV blocks are taken as sequences grow)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, states, workspace and the KV block pool")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (overrides the budget)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--backend", choices=("native", "sglang"), default="native")
@@ -246,6 +250,13 @@ def encode_row(tokenizer, row: dict, args: argparse.Namespace) -> list[int]:
     return ids
 
 
+def memory_options(args: argparse.Namespace) -> dict:
+    """The KV memory budget for the native engine (the SGLang backend sizes its own)."""
+    if args.backend != "native":
+        return {}
+    return {"gpu_memory_utilization": args.gpu_memory_utilization, "num_blocks": args.num_blocks}
+
+
 def generate_file(args: argparse.Namespace) -> int:
     """Validate everything before loading the model; generate the missing rows; append each row."""
     from tqdm.auto import tqdm
@@ -269,7 +280,7 @@ def generate_file(args: argparse.Namespace) -> int:
     engine = open_engine(
         model, args.method, args.backend, tokenizer=tokenizer, device=device, dtype=torch_dtype(args.dtype),
         max_batch_size=args.batch_size, max_seq_len=args.max_seq_len, conf_threshold=args.conf_threshold,
-        eagle_k=args.eagle_k,
+        eagle_k=args.eagle_k, **memory_options(args),
     )
     for _, r, ids in todo:
         engine.check_prompt(ids, f"{args.input}:{r['lineno']}: prompt")

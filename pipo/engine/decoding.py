@@ -1,10 +1,16 @@
-"""The four decoding methods as batched steps over static slot caches (spec section 6).
+"""The four decoding methods as batched steps over paged KV caches (spec section 6).
 
-A decoder owns the caches of every slot. `prefill` fills one slot from a prompt (and
-the MTP head's cache from the prompt's gold tokens); `first` samples the first token(s)
-of that slot; `step` advances every active slot in rows `[0, B)` by one backbone pass.
-Model calls of a decode step go through `GraphedFn`, which replays CUDA graphs
+A decoder owns the KV block pools, the block tables and the per-slot state of every
+running sequence (linear-attention states, last hidden, presence marks, sampling
+parameters and seed). `prefill_chunk` runs a slot's prompt positions `[lo, hi)` (and
+the MTP head's cache over the prompt's gold tokens); `first` samples the first token(s)
+of a prefilled slot; `step` advances every active slot in rows `[0, B)` by one backbone
+pass. Model calls of a decode step go through `GraphedFn`, which replays CUDA graphs
 captured per batch-size bucket on GPU and runs eagerly elsewhere.
+
+Sampling is per row: each slot carries its own `SamplingParams` as tensors and its own
+seed, and every draw is counter-based noise of (seed, the row's cache length, a salt per
+draw of the step), so a sequence's tokens do not depend on its batch, slot or preemption.
 """
 from __future__ import annotations
 
@@ -15,8 +21,18 @@ import torch
 
 from pipo.engine.parts import ModelParts
 from pipo.engine.sequence import Sequence
-from pipo.engine.stack import StaticStack
-from pipo.model.sampling import SamplingParams, apply_presence_penalty, probabilities, sample, sample_logits
+from pipo.engine.stack import PagedStack
+from pipo.model.sampling import (
+    RowParams,
+    SamplingMode,
+    SamplingParams,
+    row_probabilities,
+    row_uniforms,
+    sample,
+    sample_probs,
+    sample_rows,
+    seed32,
+)
 
 
 @dataclass(frozen=True)
@@ -25,15 +41,16 @@ class DecodeConfig:
     eagle_k: int = 3  # eagle: tokens drafted per step
     prefill_chunk: int = 2048  # backbone positions per prefill pass (bounds activation memory)
     compile_layers: bool = False  # torch.compile the layers' pure segments (GPU: fuses the small kernels)
+    block_size: int = 32  # positions per KV block
+    num_blocks: int = 0  # KV blocks in the pool (block 0 included)
 
 
 class GraphedFn:
     """`fn(rows, kv_len, *tensors)`; replays a CUDA graph when one was captured for these rows and shapes."""
 
-    def __init__(self, fn: Callable, pool=None, generator: torch.Generator | None = None) -> None:
+    def __init__(self, fn: Callable, pool=None) -> None:
         self.fn = fn
         self.pool = pool
-        self.generator = generator  # registered with every graph, so seeded draws replay correctly
         self.graphs: dict = {}
 
     @staticmethod
@@ -55,8 +72,6 @@ class GraphedFn:
                 self.fn(rows, kv_len, *static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        if self.generator is not None:
-            graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.fn(rows, kv_len, *static)
         self.graphs[self._key(rows, kv_len, static)] = (graph, static, out)
@@ -74,19 +89,21 @@ class GraphedFn:
 
 
 def speculative_accept(
-    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None, residual_uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative rejection sampling: target probs `p` [B, k+1, V], draft probs `q` [B, k, V], drafts [B, k].
 
     Draft i is kept with probability min(1, p_i(d)/q_i(d)) while all before it were; the
     first rejection resamples from norm(max(p - q, 0)), and if all k survive a bonus token
     comes from p_k. The emitted tokens are then distributed exactly as sampling from `p`.
-    Returns (accepted count a [B], next token [B]).
+    Returns (accepted count a [B], next token [B]). Draws come from `uniforms` [B, k] and
+    `residual_uniforms` [B, V] (counter-based) when given, else from `generator`.
     """
     batch, k = drafts.shape
     pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
     qd = q.gather(-1, drafts[..., None]).squeeze(-1)
-    u = torch.rand(qd.shape, generator=generator, device=qd.device)
+    u = uniforms if uniforms is not None else torch.rand(qd.shape, generator=generator, device=qd.device)
     accepted = (u * qd < pd).int().cumprod(-1).sum(-1)
     rows = torch.arange(batch, device=p.device)
     target = p[rows, accepted]
@@ -94,6 +111,8 @@ def speculative_accept(
     residual = (target - q_at).clamp_min(0)
     mass = residual.sum(-1, keepdim=True)
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target)
+    if residual_uniforms is not None:
+        return accepted, sample_probs(residual, residual_uniforms)
     return accepted, sample(residual, generator)
 
 
@@ -137,42 +156,57 @@ class Decoder:
         base = parts.base
         param = next(base.parameters())
         self.device = param.device
-        self.capacity = self.capacity_for(max_seq_len)
-        self.backbone = StaticStack(base.layers, base.norm, base.rotary_emb, slots, self.capacity, self.record_steps,
-                                    config.compile_layers)
+        self.capacity = self.capacity_probe(max_seq_len, config)
+        self.block_size = config.block_size
+        self.max_blocks = -(-self.capacity // self.block_size)
+        self.tables = torch.zeros(slots, self.max_blocks, dtype=torch.long, device=self.device)
+        self.backbone = PagedStack(base.layers, base.norm, base.rotary_emb, slots, self.tables, config.num_blocks,
+                                   self.block_size, self.record_steps, config.compile_layers)
         self.mtp = (
-            StaticStack(parts.mtp.layers, parts.mtp.norm, base.rotary_emb, slots, self.capacity,
-                        compile=config.compile_layers)
+            PagedStack(parts.mtp.layers, parts.mtp.norm, base.rotary_emb, slots, self.tables, config.num_blocks,
+                       self.block_size, compile=config.compile_layers)
             if self.uses_mtp else None
         )
         vocab, hidden = parts.text_config.vocab_size, parts.text_config.hidden_size
+        self.vocab = vocab
         self.lengths = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.h_last = torch.zeros(slots, hidden, dtype=param.dtype, device=self.device)
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=self.device)
         self.pending = torch.zeros(slots, max(self.room, self.unit_width), dtype=torch.long, device=self.device)
+        floats = [torch.zeros(slots, device=self.device) for _ in range(3)]
+        self.row = RowParams(floats[0], torch.ones(slots, device=self.device),
+                             torch.zeros(slots, dtype=torch.long, device=self.device), floats[1], floats[2])
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
+        # the noise is a dozen elementwise integer ops over [B, vocab]: one fused kernel when compiled
+        self.row_uniforms = torch.compile(row_uniforms, dynamic=None) if config.compile_layers else row_uniforms
         pool = torch.cuda.graph_pool_handle() if graphs else None
         self.backbone_step = GraphedFn(self._backbone_step, pool)
         self.mtp_step = GraphedFn(self._mtp_step, pool)
-        self.params = SamplingParams()
-        # one generator for the decoder's life, reseeded per request batch: sampling graphs are bound to it
-        self.generator = torch.Generator(self.device)
-        self.banned: torch.Tensor | None = None
+        banned = [parts.pad_token_id] if self.unit_width == 2 else []
+        self.banned = torch.tensor(banned, dtype=torch.long, device=self.device) if banned else None
+        self.mode = SamplingMode()
         self.buckets: list[int] = []
-        self.samplers: dict = {}  # (params, banned) -> ({name: GraphedFn}, banned tensor)
+        self.samplers: dict[SamplingMode, dict[str, GraphedFn]] = {}
         self.sampler: dict[str, GraphedFn] = {}
+        self.set_mode(self.mode)
 
     # ---------------------------------------------------------------- sizing
-    @property
-    def room(self) -> int:
+    @classmethod
+    def room_for(cls, config: DecodeConfig) -> int:
         """Cache entries one decode step may write past a row's length."""
         return 1
 
-    def capacity_for(self, max_seq_len: int) -> int:
-        """Cache entries per slot; the margin covers a last step's drafts past the token budget."""
-        return max_seq_len + 2 * self.room
+    @property
+    def room(self) -> int:
+        return self.room_for(self.config)
+
+    @classmethod
+    def capacity_probe(cls, max_seq_len: int, config: DecodeConfig) -> int:
+        """Cache positions per sequence; the margin covers a last step's drafts past the token budget."""
+        return max_seq_len + 2 * cls.room_for(config)
 
     def kv_len(self, seqs: dict[int, Sequence]) -> int:
-        """Keys a step attends over: the static capacity under CUDA graphs, else just what the rows use."""
+        """Keys a step attends over: the whole table under CUDA graphs, else just what the rows use."""
         if self.graphs_enabled:
             return self.capacity
         return min(self.capacity, max(s.length for s in seqs.values()) + 2 * self.room + 1)
@@ -187,8 +221,10 @@ class Decoder:
         for batch in buckets:
             for fn, examples in self.graph_examples(batch):
                 fn.capture(slice(0, batch), self.capacity, *examples)
+        self.samplers.clear()
+        self.set_mode(self.mode)
 
-    # sampling steps: names of methods (rows, kv_len, *tensors) -> values, captured per sampling configuration
+    # sampling steps: names of methods (rows, kv_len, *tensors) -> values, captured per sampling mode
     sample_fns: tuple[str, ...] = ()
 
     def sample_examples(self, batch: int) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -220,33 +256,48 @@ class Decoder:
         return m, self.lm(m)
 
     # ---------------------------------------------------------------- sampling
-    def configure(self, params: SamplingParams, seed: int, banned: list[int]) -> None:
-        """Sampling parameters, seed and banned ids for the next requests.
-
-        Under CUDA graphs each sampling step is captured once per configuration (the graphs bake
-        in the parameters); capture's warm-ups run on the live buffers, which is harmless here
-        since every slot is reset before use, and the generator is seeded after it.
-        """
-        key = (params, tuple(banned))
-        if key not in self.samplers:
-            self.params = params
-            self.banned = torch.tensor(banned, dtype=torch.long, device=self.device) if banned else None
-            fns = {name: GraphedFn(getattr(self, name), generator=self.generator) for name in self.sample_fns}
-            if self.graphs_enabled:
+    def set_mode(self, mode: SamplingMode) -> None:
+        """The sampling transforms the running rows need; under CUDA graphs each mode's sampling steps are
+        captured once, maybe while sequences run: the buffers their warm-ups write are put back after."""
+        if mode not in self.samplers:
+            self.mode = mode
+            fns = {name: GraphedFn(getattr(self, name)) for name in self.sample_fns}
+            if self.graphs_enabled and self.buckets:
+                kept = (self.pending.clone(), self.seen.clone())
                 with torch.no_grad():
                     for batch in self.buckets:
                         for name, examples in self.sample_examples(batch).items():
                             fns[name].capture(slice(0, batch), self.capacity, *examples, share=True)
-            self.samplers[key] = (fns, self.banned)
-        self.params = params
-        self.sampler, self.banned = self.samplers[key]
-        self.generator.manual_seed(seed)
+                self.pending.copy_(kept[0])
+                self.seen.copy_(kept[1])
+            self.samplers[mode] = fns
+        self.mode = mode
+        self.sampler = self.samplers[mode]
 
-    def probs(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        return probabilities(apply_presence_penalty(logits, seen, self.params.presence_penalty), self.params, self.banned)
+    def set_row(self, slot: int, params: SamplingParams, seed: int) -> None:
+        """A slot's sampling parameters and seed (scalar fills: no host-device synchronisation)."""
+        self.row.temperature[slot] = params.temperature
+        self.row.top_p[slot] = params.top_p
+        self.row.top_k[slot] = params.top_k
+        self.row.min_p[slot] = params.min_p
+        self.row.presence[slot] = params.presence_penalty
+        self.seeds[slot] = seed32(seed)
 
-    def pick(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        return sample_logits(logits, self.params, self.banned, self.seen[rows], self.generator)
+    def uniforms(self, rows: slice, salt: int, width: int | None = None) -> torch.Tensor | None:
+        """Counter-based uniforms [B, width] of the rows at their current cache lengths (None when all greedy)."""
+        if self.mode.greedy:
+            return None
+        return self.row_uniforms(self.seeds[rows], self.lengths[rows], salt, width or self.vocab)
+
+    def probs(self, logits: torch.Tensor, rows: slice, seen: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """Processed distributions of logits [B * repeat, V] (each row's `repeat` entries consecutive)."""
+        params = self.row[rows]
+        if repeat > 1:
+            params = RowParams(*(t.repeat_interleave(repeat) for t in vars(params).values()))
+        return row_probabilities(logits, params, self.mode, self.banned, seen)
+
+    def pick(self, logits: torch.Tensor, rows: slice, salt: int) -> torch.Tensor:
+        return sample_rows(logits, self.row[rows], self.mode, self.uniforms(rows, salt), self.banned, self.seen[rows])
 
     def launched(self, seqs: dict[int, Sequence], values: torch.Tensor, emit: Callable) -> Launched:
         """Start the copy of a step's values [B, n] to the host; `Launched.finish` waits for it."""
@@ -280,71 +331,83 @@ class Decoder:
 
     # ---------------------------------------------------------------- slots
     def positions(self, batch: int, steps: int) -> torch.Tensor:
-        """Positions of the next `steps` entries of rows [0, B); idle rows are clamped inside the cache."""
+        """Positions of the next `steps` entries of rows [0, B); idle rows are clamped inside the table."""
         offsets = torch.arange(steps, device=self.device)
         return (self.lengths[:batch, None] + offsets).clamp(max=self.capacity - 1)
 
     def advance(self, batch: int, entries: torch.Tensor | int) -> None:
         """Grow the rows' caches by `entries` (the host counts passes and lengths when it emits).
 
-        Idle rows grow too (their positions clamp inside the cache, and a slot's length is
-        set again when it next starts): a mask of the active rows would be a host-to-device
-        copy, which waits for the step's queued GPU work and leaves the GPU idle meanwhile.
+        Idle rows grow too (their positions clamp inside the table, whose entries point at the
+        sink block 0, and a slot's length is set again when it next starts): a mask of the active
+        rows would be a host-to-device copy, which waits for the step's queued GPU work.
         """
         self.lengths[:batch] += entries
 
-    def reset(self, slot: int) -> None:
+    def reset(self, slot: int, seen: list[int] = ()) -> None:
+        """Clear a slot for a new sequence; `seen`: tokens it already emitted (a preempted sequence's)."""
         self.backbone.reset(slot)
+        if self.mtp is not None:
+            self.mtp.reset(slot)
         self.seen[slot] = False
+        if seen:
+            self.seen[slot, torch.tensor(sorted(set(seen)), dtype=torch.long, device=self.device)] = True
         self.lengths[slot] = 0
 
-    def snapshot(self, slot: int, length: int) -> dict:
-        """A slot's prompt state right after `prefill`, for the prefix cache."""
+    def move(self, src: int, dst: int) -> None:
+        """Copy a row's per-sequence state to another row (a prefilled sequence to its decode slot)."""
+        for stack in (self.backbone, self.mtp):
+            if stack is not None:
+                stack.load_linear(dst, stack.save_linear(src))
+        for buffer in (self.lengths, self.h_last, self.seen, self.pending, self.tables, self.seeds,
+                       *vars(self.row).values()):
+            buffer[dst] = buffer[src]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.backbone.copy_block(src, dst)
+        if self.mtp is not None:
+            self.mtp.copy_block(src, dst)
+
+    def save_state(self, slot: int) -> dict:
+        """A slot's non-paged prompt state right after prefill (linear states, last hidden), for the prefix cache."""
         return {
-            "backbone": self.backbone.snapshot(slot, length),
-            "mtp": self.mtp.snapshot(slot, length - 1) if self.mtp is not None else None,
+            "backbone": self.backbone.save_linear(slot),
+            "mtp": self.mtp.save_linear(slot) if self.mtp is not None else None,
             "h": self.h_last[slot].clone(),
-            "length": length,
         }
 
-    def restore(self, slot: int, saved: dict) -> int:
-        self.reset(slot)
-        self.backbone.restore(slot, saved["backbone"])
+    def load_state(self, slot: int, saved: dict, length: int) -> None:
+        self.backbone.load_linear(slot, saved["backbone"])
         if self.mtp is not None:
-            self.mtp.restore(slot, saved["mtp"])
+            self.mtp.load_linear(slot, saved["mtp"])
         self.h_last[slot] = saved["h"]
-        self.lengths[slot] = saved["length"]
-        return saved["length"]
+        self.lengths[slot] = length
+
+    def mtp_entries(self, length: int) -> int:
+        """MTP cache entries written once `length` backbone positions are prefilled (entry L-1 waits for `first`)."""
+        return max(length - 1, 0) if self.mtp is not None else length
 
     @torch.no_grad()
-    def prefill(self, slot: int, seq: Sequence, start: int) -> None:
-        """Run the backbone over prompt positions `start..L-1` (earlier ones restored from the prefix cache).
+    def prefill_chunk(self, slot: int, units: tuple[int, ...], lo: int, hi: int) -> None:
+        """Run the backbone over positions `lo..hi-1` of `units` (earlier ones are in the cache).
 
-        With an MTP head, its cache gets the prompt's gold entries too: entry i takes the
-        first token of position i+1 and the backbone hidden h_i.
+        With an MTP head, its cache gets the gold entries too: entry i takes the first token
+        of position i+1 and the backbone hidden h_i (entries lo-1 .. hi-2; the last chunk's
+        entry hi-1 is written by `first` or the next chunk).
         """
-        rows, w, chunk = slice(slot, slot + 1), self.unit_width, self.config.prefill_chunk
-        ids = torch.tensor([seq.units], dtype=torch.long, device=self.device)
-        total = len(seq.units) // w
-        hidden = [self.h_last[rows][:, None]] if start > 0 else []
-        for lo in range(start, total, chunk):
-            hi = min(total, lo + chunk)
-            positions = torch.arange(lo, hi, device=self.device)[None]
-            x = self.inputs(ids[:, lo * w : hi * w])
-            hidden.append(self.backbone.forward(x, rows, positions, hi, recurrent=False))
-        if start < total:
-            seq.stats.forward_passes = 1
-            self.h_last[slot] = hidden[-1][0, -1]
-        if self.mtp is not None and start < total:
-            hidden = torch.cat(hidden, dim=1)
-            first = max(start - 1, 0)
-            gold = ids[:, (first + 1) * w :: w]
-            for lo in range(0, gold.shape[1], chunk):
-                hi = min(gold.shape[1], lo + chunk)
-                positions = torch.arange(first + lo, first + hi, device=self.device)[None]
-                self._mtp_hidden(rows, first + hi, gold[:, lo:hi], hidden[:, lo:hi], positions, recurrent=False)
-        self.lengths[slot] = total
-        seq.length = total
+        rows, w = slice(slot, slot + 1), self.unit_width
+        ids = torch.tensor([units[lo * w : hi * w]], dtype=torch.long, device=self.device)
+        positions = torch.arange(lo, hi, device=self.device)[None]
+        hidden = self.backbone.forward(self.inputs(ids), rows, positions, hi, recurrent=False)
+        if self.mtp is not None:
+            first = max(lo - 1, 0)
+            if hi - 1 > first:
+                hs = hidden if lo == 0 else torch.cat([self.h_last[rows][:, None], hidden], dim=1)
+                gold = torch.tensor([units[(first + 1) * w : hi * w : w]], dtype=torch.long, device=self.device)
+                mtp_positions = torch.arange(first, hi - 1, device=self.device)[None]
+                self._mtp_hidden(rows, hi - 1, gold, hs[:, : hi - 1 - first], mtp_positions, recurrent=False)
+        self.h_last[slot] = hidden[0, -1]
+        self.lengths[slot] = hi
 
     def first(self, slot: int, seq: Sequence) -> None:
         """Sample the first token(s) of a freshly prefilled slot."""
@@ -371,7 +434,7 @@ class RegularDecoder(Decoder):
 
     def sample_next(self, rows: slice, kv_len: int, logits: torch.Tensor) -> torch.Tensor:
         """Sample, mark presence and write the next input: the step's values [B, 1]."""
-        token = self.pick(logits, rows)
+        token = self.pick(logits, rows, 0)
         self.mark_seen(rows, token)
         self.pending[rows, 0] = token
         return token[:, None]
@@ -404,8 +467,9 @@ class PipoDecoder(Decoder):
         self.uses_mtp = config.conf_threshold < 1  # tau >= 1 never drafts: skip the MTP step entirely
         super().__init__(parts, slots, max_seq_len, config, graphs)
 
-    def capacity_for(self, max_seq_len: int) -> int:
-        return (max_seq_len + 1) // 2 + 2 * self.room  # one entry per pair: half the regular cache
+    @classmethod
+    def capacity_probe(cls, max_seq_len: int, config: DecodeConfig) -> int:
+        return (max_seq_len + 1) // 2 + 2 * cls.room_for(config)  # one entry per pair: half the regular cache
 
     def inputs(self, ids):
         embeds = self.embed(ids)
@@ -437,14 +501,14 @@ class PipoDecoder(Decoder):
         return calls
 
     def sample_first(self, rows: slice, kv_len: int, logits: torch.Tensor) -> torch.Tensor:
-        t1 = self.pick(logits, rows)
+        t1 = self.pick(logits, rows, 0)
         self.mark_seen(rows, t1)
         self.pending[rows, 0] = t1
         return t1
 
     def sample_second(self, rows: slice, kv_len: int, logits2: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
         """The MTP draft, kept when confident (else PAD): values [B, 2] (token2, kept)."""
-        draft = self.pick(logits2, rows)
+        draft = self.pick(logits2, rows, 1)
         keep = torch.sigmoid(conf.float()) >= self.config.conf_threshold
         t2 = torch.where(keep, draft, torch.full_like(draft, self.parts.pad_token_id))
         self.mark_seen(rows, t2, keep)
@@ -497,8 +561,8 @@ class MTPDecoder(Decoder):
 
     uses_mtp = True
 
-    @property
-    def room(self) -> int:
+    @classmethod
+    def room_for(cls, config: DecodeConfig) -> int:
         return 2
 
     def graph_examples(self, batch):
@@ -510,7 +574,7 @@ class MTPDecoder(Decoder):
     def first(self, slot, seq):
         rows = slice(slot, slot + 1)
         hidden = self.h_last[rows][:, None]
-        token = self.pick(self.lm(hidden)[:, -1], rows)
+        token = self.pick(self.lm(hidden)[:, -1], rows, 0)
         self.mark_seen(rows, token)
         positions = (self.lengths[rows] - 1)[:, None]
         values = self._draft(rows, token, token[:, None], hidden, positions, self.kv_len({slot: seq}))
@@ -523,7 +587,7 @@ class MTPDecoder(Decoder):
         pending = self.pending[:batch].clone()
         hidden, logits = self.backbone_step(rows, kv_len, pending, positions)
         self.advance(batch, 2)
-        token = self.pick(logits[:, -1], rows)
+        token = self.pick(logits[:, -1], rows, 0)
         self.mark_seen(rows, token)
         # MTP entries t and t+1: (x_{t+1}, h_t) and (the new token, h_{t+1})
         tokens = torch.stack([pending[:, 1], token], dim=1)
@@ -531,7 +595,7 @@ class MTPDecoder(Decoder):
 
     def _draft(self, rows, token, tokens, hidden, positions, kv_len) -> torch.Tensor:
         _, logits = self.mtp_step(rows, kv_len, tokens, hidden, positions)
-        draft = self.pick(logits[:, -1], rows)
+        draft = self.pick(logits[:, -1], rows, 1)
         self.mark_seen(rows, draft)
         self.pending[rows, 0], self.pending[rows, 1] = token, draft
         return torch.stack([token, draft], dim=1)
@@ -556,9 +620,9 @@ class EagleDecoder(Decoder):
         super().__init__(parts, slots, max_seq_len, config, graphs)
         self.q = torch.zeros(slots, self.k, parts.text_config.vocab_size, device=self.device)
 
-    @property
-    def room(self) -> int:
-        return self.k + 1
+    @classmethod
+    def room_for(cls, config: DecodeConfig) -> int:
+        return config.eagle_k + 1
 
     def graph_examples(self, batch):
         ids = torch.zeros(batch, self.k + 1, dtype=torch.long, device=self.device)
@@ -571,7 +635,7 @@ class EagleDecoder(Decoder):
     def first(self, slot, seq):
         rows = slice(slot, slot + 1)
         hidden = self.h_last[rows][:, None]
-        token = self.pick(self.lm(hidden)[:, -1], rows)
+        token = self.pick(self.lm(hidden)[:, -1], rows, 0)
         self.mark_seen(rows, token)
         if seq.emit(token.item()):
             return
@@ -586,8 +650,8 @@ class EagleDecoder(Decoder):
         seen = self.seen[rows].clone()
         drafts = []
         for j in range(self.k):
-            q = self.probs(logits, seen)
-            drafts.append(sample(q, self.generator))
+            q = self.probs(logits, rows, seen)
+            drafts.append(self._draw(q, rows, 1 + j))
             self.q[rows, j] = q
             seen[index, drafts[-1]] = True
             if j < self.k - 1:
@@ -603,8 +667,12 @@ class EagleDecoder(Decoder):
         for i in range(1, steps):
             seen[:, i] = seen[:, i - 1]
             seen[index, i, drafts[:, i - 1]] = True
-        logits = apply_presence_penalty(logits, seen, self.params.presence_penalty)
-        return probabilities(logits.reshape(-1, vocab), self.params, self.banned).view(batch, steps, vocab)
+        return self.probs(logits.reshape(-1, vocab), rows, seen.view(-1, vocab), steps).view(batch, steps, vocab)
+
+    def _draw(self, probs: torch.Tensor, rows: slice, salt: int) -> torch.Tensor:
+        """One id per row of `probs` with the rows' counter-based noise (the argmax when every row is greedy)."""
+        u = self.uniforms(rows, salt)
+        return probs.argmax(-1) if u is None else sample_probs(probs, u)
 
     @torch.no_grad()
     def step(self, batch, seqs):
@@ -613,8 +681,11 @@ class EagleDecoder(Decoder):
         ids = self.pending[:batch].clone()
         hidden, logits = self.backbone_step(rows, kv_len, ids, positions)
         drafts = ids[:, 1:]
+        half = torch.full((batch, self.vocab), 0.5, device=self.device)
         accepted, token = speculative_accept(
-            self._target_probs(logits, rows, drafts), self.q[:batch], drafts, self.generator
+            self._target_probs(logits, rows, drafts), self.q[:batch], drafts,
+            uniforms=(self.uniforms(rows, 64, self.k) if not self.mode.greedy else half[:, : self.k]),
+            residual_uniforms=(self.uniforms(rows, 65) if not self.mode.greedy else half),
         )
         self.backbone.commit(rows, accepted)
         self.advance(batch, accepted + 1)

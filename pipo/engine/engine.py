@@ -1,54 +1,74 @@
-"""`Engine`: batched generation with regular / pipo / mtp / eagle decoding, continuous batching by slot.
+"""`Engine`: regular / pipo / mtp / eagle decoding over paged KV memory with continuous batching.
 
-Every request sample gets a slot; when one finishes, its slot takes the next waiting
-one. Each decode step runs one backbone pass for the active slots `[0, B)`, B rounded
-up to a batch-size bucket (one CUDA graph per bucket on GPU). The prompt state after
-prefill is kept in a small prefix cache, so the `n` samples of a prompt (and prompts
-that extend a cached one, at pair granularity for pipo) skip the shared prefill.
+Memory. Every full-attention cache (backbone, MTP layer) lives in one pool of fixed-size
+blocks (`blocks.py`); a sequence takes blocks as it grows and returns them when it ends,
+so `max_seq_len` is only a per-sequence limit. On CUDA the pool is sized from
+`gpu_memory_utilization` after the weights, the per-sequence states and a workspace
+reserve (`num_blocks` overrides it). Linear-attention states stay per running sequence.
+
+Scheduling, once per `step()`:
+1. admit waiting sequences (first come, first served) while a decode slot, a prefill row and
+   the blocks of their prompt are free; a prompt whose prefix is cached shares its blocks;
+   the `n` samples of a prompt wait for the first one's prefill and then share it;
+2. prefill admitted prompts in chunks under a per-step token budget (`max_prefill_tokens`),
+   in rows of their own, so running sequences keep decoding while long prompts come in;
+   a finished prefill is cached, moved to its decode slot and sampled once;
+3. give every decoding sequence the blocks its next step may write; when the pool runs
+   out, the most recently admitted sequence is preempted (blocks freed, requeued first,
+   later recomputed from its prompt and tokens so far: outputs do not change);
+4. queue one decode step for the rows `[0, B)` (a CUDA graph per batch-size bucket), then
+   hand out the previous step's tokens (emission runs one step late, overlapping the GPU).
+
+Request API (what an OpenAI-compatible server drives; `generate` is a loop over it):
+
+    engine.add_request(request_id, prompt, sampling, max_new_tokens, n=1, stop=(), stop_token_ids=(), seed=None)
+    while engine.has_unfinished():
+        for update in engine.step():   # `Update`s: per request sample, the new token ids and text
+            ...                        # since the last step, finished flag, finish_reason, stats
+    engine.abort(request_id)           # frees its blocks at once
+
+A sample's seed is `derive_seed(seed, sample index)`; its draws are counter-based, so its
+tokens depend only on that seed (not on batch, slot or preemption).
 """
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict, deque
+import random
+from collections import Counter, deque
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from pipo.engine.decoding import DECODERS, DecodeConfig
-from pipo.engine.parts import Prompt, encode_prompt, load_parts, load_tokenizer, parts_from_models
+from pipo.engine.blocks import BlockPool, CachedPrompt, PrefixCache
+from pipo.engine.decoding import DECODERS, DecodeConfig, Launched
+from pipo.engine.parts import ModelParts, Prompt, encode_prompt, load_parts, load_tokenizer, parts_from_models
 from pipo.engine.parts import eos_token_ids as eos_token_ids_of
-from pipo.engine.sequence import Completion, Sequence, StopStrings
+from pipo.engine.sequence import Completion, RequestStats, Sequence, StopStrings
+from pipo.engine.stack import kv_bytes_per_block
 from pipo.errors import PIPOError, ShapeError
 from pipo.model.heads import MTPHead
-from pipo.model.sampling import SamplingParams
+from pipo.model.sampling import SamplingMode, SamplingParams, derive_seed
 
-class PrefixCache:
-    """LRU map from a prompt's backbone units to its post-prefill slot state; lookups find the longest cached prefix."""
+GiB = 2**30
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.entries: OrderedDict[tuple[int, ...], dict] = OrderedDict()
 
-    def lookup(self, units: tuple[int, ...], width: int) -> tuple[tuple[int, ...], dict] | None:
-        best = None
-        for key in self.entries:
-            if len(key) <= len(units) and units[: len(key)] == key and (best is None or len(key) > len(best)):
-                best = key
-        if best is None or len(best) % width:
-            return None
-        self.entries.move_to_end(best)
-        return best, self.entries[best]
+@dataclass
+class Update:
+    """What one `Engine.step` produced for one sample of a request."""
 
-    def store(self, units: tuple[int, ...], state: dict) -> None:
-        if self.capacity <= 0:
-            return
-        self.entries[units] = state
-        self.entries.move_to_end(units)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+    request_id: str
+    sample: int
+    token_ids: list[int]  # new visible tokens since the last update
+    text: str  # new text since the last update ("" for requests added with detokenize=False)
+    finished: bool
+    finish_reason: str | None
+    stats: RequestStats
+    completion: Completion | None = None  # the whole sample, once finished
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -57,13 +77,32 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
+def slot_state_bytes(parts: ModelParts, method: str, eagle_k: int, dtype: torch.dtype) -> int:
+    """Bytes of one running sequence's fixed-size state: linear-attention conv and fp32 recurrent states
+    (per token too where EAGLE records them), presence marks, EAGLE's draft distributions."""
+    size = torch.empty((), dtype=dtype).element_size()
+    layers = list(parts.base.layers) + (list(parts.mtp.layers) if parts.mtp is not None else [])
+    linear = sum(
+        layer.linear_attn.conv_dim * (layer.linear_attn.conv_kernel_size - 1) * size
+        + 4 * layer.linear_attn.num_v_heads * layer.linear_attn.head_k_dim * layer.linear_attn.head_v_dim
+        for layer in layers if hasattr(layer, "linear_attn")
+    )
+    vocab = parts.text_config.vocab_size
+    if method == "eagle":
+        return linear * (eagle_k + 2) + vocab * (1 + 4 * eagle_k)
+    return linear + vocab
+
+
 class Engine:
-    """One model, one decoding method, static caches for `max_batch_size` slots of `max_seq_len` tokens.
+    """One model, one decoding method, paged KV memory shared by up to `max_batch_size` running sequences.
 
     `model` is a checkpoint folder (PIPO or regular), or a loaded `PIPOForCausalLM` /
     causal LM (then pass `mtp_head` for mtp/eagle and `tokenizer` for text prompts).
     Loaded models are moved to `device`/`dtype` in place. On CUDA, decode steps are
     graph-captured (`cuda_graphs`) and the layers' small ops compiled (`compile_layers`).
+    `max_seq_len` bounds one sequence (prompt + completion); `num_blocks` blocks of
+    `block_size` positions hold every sequence's KV (default: on CUDA what
+    `gpu_memory_utilization` of the device leaves, on CPU enough for every slot at `max_seq_len`).
     """
 
     def __init__(
@@ -81,12 +120,20 @@ class Engine:
         eagle_k: int = 3,
         prefix_cache_size: int = 8,
         prefill_chunk: int = 2048,
+        max_prefill_tokens: int | None = None,
+        prefill_rows: int = 4,
+        block_size: int = 32,
+        num_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.9,
         cuda_graphs: bool | None = None,
         compile_layers: bool | None = None,
         eos_token_ids: Seq[int] | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_seq_len < 2 or eagle_k < 1 or prefill_chunk < 1:
-            raise PIPOError("max_batch_size, eagle_k and prefill_chunk must be >= 1 and max_seq_len >= 2")
+        if min(max_batch_size, eagle_k, prefill_chunk, prefill_rows, block_size) < 1 or max_seq_len < 2:
+            raise PIPOError("max_batch_size, eagle_k, prefill_chunk, prefill_rows and block_size must be >= 1 "
+                            "and max_seq_len >= 2")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise PIPOError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         path = Path(model) if isinstance(model, (str, Path)) else None
         self.parts = load_parts(path, method) if path is not None else parts_from_models(model, method, mtp_head)
         self.method = method
@@ -102,18 +149,103 @@ class Engine:
             else eos_token_ids_of(path, self.parts.text_config, self.tokenizer)
         )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.max_prefill_tokens = max_prefill_tokens or prefill_chunk
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         compile_layers = self.device.type == "cuda" if compile_layers is None else compile_layers
-        config = DecodeConfig(conf_threshold, eagle_k, prefill_chunk, compile_layers)
-        self.decoder = DECODERS[method](self.parts, max_batch_size, max_seq_len, config, graphs)
+        decoder_cls = DECODERS[method]
+        config = DecodeConfig(conf_threshold, eagle_k, prefill_chunk, compile_layers, block_size, 2)
+        probe = decoder_cls.capacity_probe(max_seq_len, config)
+        self.blocks_per_seq = -(-probe // block_size)
+        rows = max_batch_size + prefill_rows
+        self.num_blocks = self._size_pool(num_blocks, rows, gpu_memory_utilization, eagle_k, block_size,
+                                          max_batch_size)
+        config = DecodeConfig(conf_threshold, eagle_k, prefill_chunk, compile_layers, block_size, self.num_blocks)
+        self.decoder = decoder_cls(self.parts, rows, max_seq_len, config, graphs)
         self.buckets = batch_buckets(max_batch_size)
         if graphs:
-            self.decoder.capture(self.buckets)
-        self.prefix_cache = PrefixCache(prefix_cache_size)
+            self._capture()
+        self.pool = BlockPool(self.num_blocks)
+        self.prefix_cache = PrefixCache(self.pool, prefix_cache_size)
+        self.free_slots = list(range(max_batch_size))
+        self.free_rows = list(range(max_batch_size, rows))
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: dict[int, Sequence] = {}
+        self.requests: dict[str, list[Sequence]] = {}
+        self.queued_prompts: Counter = Counter()  # units of fresh samples not admitted yet
+        self.in_flight: Launched | None = None
+        self.admitted = 0
+        self.mode = SamplingMode()
+        self.metrics = Counter()  # steps, preemptions, running_sum, running_max, prefill_tokens
+        self.touched: list[Sequence] = []  # sequences the current step moved
+        self.oom_streak = 0
+
+    @staticmethod
+    def blocks_for(method: str, max_seq_len: int, sequences: int, block_size: int = 32, eagle_k: int = 3) -> int:
+        """The `num_blocks` that holds `sequences` sequences of `max_seq_len` at once (never preempts)."""
+        config = DecodeConfig(eagle_k=eagle_k, block_size=block_size)
+        return sequences * -(-DECODERS[method].capacity_probe(max_seq_len, config) // block_size) + 1
 
     @property
     def model_name(self) -> str:
         return self.parts.name
+
+    # ---------------------------------------------------------------- memory
+    def _size_pool(self, num_blocks: int | None, rows: int, utilization: float, eagle_k: int, block_size: int,
+                   max_batch_size: int) -> int:
+        """Blocks in the pool: given, else all slots at `max_seq_len` on CPU, else what the memory budget leaves.
+
+        Fails, before any cache is allocated, when one sequence of `max_seq_len` cannot fit."""
+        layers = list(self.parts.base.layers) + (list(self.parts.mtp.layers) if self.parts.mtp is not None else [])
+        per_block = kv_bytes_per_block(layers, block_size, self.dtype)
+        one_seq = self.blocks_per_seq + 1
+        if num_blocks is None and self.device.type != "cuda":
+            num_blocks = max_batch_size * self.blocks_per_seq + 1
+        if num_blocks is not None:
+            if num_blocks < one_seq:
+                raise PIPOError(f"num_blocks={num_blocks} cannot hold one sequence of max_seq_len={self.max_seq_len} "
+                                f"({self.blocks_per_seq} blocks of {block_size} positions, plus block 0)")
+            return num_blocks
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        weights = torch.cuda.memory_allocated(self.device)
+        states = rows * slot_state_bytes(self.parts, self.method, eagle_k, self.dtype)
+        reserve = self.workspace_bytes(max_batch_size)
+        budget = utilization * total - weights - states - reserve
+        if budget < one_seq * per_block:
+            raise PIPOError(
+                f"one sequence of max_seq_len={self.max_seq_len} does not fit: {utilization:.2f} x "
+                f"{total / GiB:.1f} GiB leaves {budget / GiB:.2f} GiB for KV after weights {weights / GiB:.2f} GiB, "
+                f"sequence states {states / GiB:.2f} GiB ({rows} rows) and workspace {reserve / GiB:.2f} GiB; one "
+                f"sequence needs {one_seq * per_block / GiB:.2f} GiB (lower max_seq_len or max_batch_size, or raise "
+                "gpu_memory_utilization)")
+        return int(budget // per_block)
+
+    def workspace_bytes(self, max_batch_size: int) -> int:
+        """Memory kept out of the KV pool: activations of a prefill chunk (including the gathered KV and the
+        attention mask over `max_seq_len`), decode-step logits and sampling buffers, graphs; an estimate."""
+        cfg = self.parts.text_config
+        size = torch.empty((), dtype=self.dtype).element_size()
+        chunk, length = self.prefill_chunk, self.max_seq_len
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", heads)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        activations = chunk * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4 * size
+        attention = 2 * kv_heads * length * head_dim * size * 2 + chunk * heads * length * (1 + 2 * size)
+        sampling = max_batch_size * cfg.vocab_size * 4 * 8
+        return int(activations + attention + sampling + GiB)
+
+    def _capture(self) -> None:
+        """CUDA graphs per bucket; an OOM frees what was captured and is reported with the numbers."""
+        try:
+            self.decoder.capture(self.buckets)
+        except torch.OutOfMemoryError as error:
+            self.decoder = None
+            torch.cuda.empty_cache()
+            raise PIPOError(
+                f"out of GPU memory while capturing CUDA graphs ({self.num_blocks} KV blocks, batch up to "
+                f"{self.max_batch_size}): lower gpu_memory_utilization or max_batch_size ({str(error)[:200]})"
+            ) from None
 
     # ---------------------------------------------------------------- prompts
     def encode(self, prompt: Prompt) -> list[int]:
@@ -121,7 +253,7 @@ class Engine:
         return encode_prompt(self.tokenizer, prompt)
 
     def check_prompt(self, ids: list[int], what: str = "prompt") -> None:
-        """Empty prompts and prompts that leave no room in the cache are errors, named by `what`."""
+        """Empty prompts and prompts that leave no room in a sequence are errors, named by `what`."""
         if not ids:
             raise ShapeError(f"{what} is empty: nothing to condition on")
         vocab = self.parts.text_config.vocab_size
@@ -129,9 +261,85 @@ class Engine:
             raise ShapeError(f"{what} holds token ids outside the vocabulary [0, {vocab})")
         if len(ids) + len(ids) % 2 >= self.max_seq_len:
             raise ShapeError(
-                f"{what} has {len(ids)} tokens; the cache holds max_seq_len={self.max_seq_len} tokens per "
-                "sequence, prompt and completion together"
+                f"{what} has {len(ids)} tokens; a sequence holds max_seq_len={self.max_seq_len} tokens, "
+                "prompt and completion together"
             )
+
+    # ---------------------------------------------------------------- request API
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        sampling: SamplingParams = SamplingParams(),
+        max_new_tokens: int = 256,
+        n: int = 1,
+        stop: Seq[str] = (),
+        stop_token_ids: Seq[int] = (),
+        seed: int | None = None,
+        detokenize: bool = True,
+    ) -> None:
+        """Queue `n` samples of a prompt; `seed` None draws one at random. Updates come from `step()`."""
+        if n < 1 or max_new_tokens < 1:
+            raise PIPOError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+        if request_id in self.requests:
+            raise PIPOError(f"request id {request_id!r} is already running")
+        ids = self.encode(prompt)
+        self.check_prompt(ids, f"request {request_id!r}: prompt")
+        seed = random.getrandbits(63) if seed is None else seed
+        units = list(ids)
+        if self.method == "pipo" and len(units) % 2:
+            units.append(self.parts.pad_token_id)  # the prompt/response boundary falls on a pair boundary
+        budget = min(max_new_tokens, self.max_seq_len - len(units))
+        stops = frozenset(self.eos_ids) | frozenset(stop_token_ids)
+        stop_strings = StopStrings(self.tokenizer, tuple(stop))
+        seqs = []
+        for j in range(n):
+            seq = Sequence(0, j, list(ids), tuple(units), budget, stops, stop_strings, request_id=request_id,
+                           params=sampling, seed=derive_seed(seed, j), feed=tuple(units))
+            seq.text_offsets = (0, 0, 0) if detokenize else (-1, -1, -1)
+            seqs.append(seq)
+        self.requests[request_id] = seqs
+        self.waiting.extend(seqs)
+        self.queued_prompts[seqs[0].units] += n
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running or self.in_flight is not None)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its samples end with finish_reason "abort" and free their blocks and rows."""
+        for seq in self.requests.pop(request_id, []):
+            if seq.done:
+                continue
+            seq.finish_reason, seq.closed = "abort", True
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+                if seq.slot < 0 and not seq.raw:
+                    self.queued_prompts[seq.units] -= 1
+            self._release(seq)
+
+    def step(self) -> list[Update]:
+        """One scheduler iteration (module docstring); returns the updates of the samples that moved."""
+        self.touched = []
+        try:
+            self._admit()
+            self.touched += self._prefill()
+            launched = None
+            if self.running:
+                self._reserve_decode_blocks()
+            if self.running:
+                self._set_mode()
+                batch = next(b for b in self.buckets if b > max(self.running))
+                launched = self.decoder.step(batch, self.running)
+                self.metrics["steps"] += 1
+                self.metrics["running_sum"] += len(self.running)
+                self.metrics["running_max"] = max(self.metrics["running_max"], len(self.running))
+        except torch.OutOfMemoryError as error:
+            self._recover_from_oom(error)
+            return self._updates(self.touched)
+        self.oom_streak = 0
+        self._drain()
+        self.in_flight = launched
+        return self._updates(self.touched)
 
     # ---------------------------------------------------------------- generation
     def generate(
@@ -148,81 +356,273 @@ class Engine:
         progress: bool = False,
     ) -> list[list[Completion]]:
         """`n` completions per prompt (in prompt order). EOS ids and `stop_token_ids` end a sample (kept in
-        `token_ids`); a stop string ends it and is cut from the text. With `seeds`, prompt i's samples
-        depend on `seeds[i]` alone (pass row-derived seeds to resume a run): one prompt per pass, since
-        the decoder's generator is shared by the rows of a batch."""
+        `token_ids`); a stop string ends it and is cut from the text. Prompt i's seed is `seeds[i]`, by
+        default `derive_seed(seed, i)` (pass `seeds` to resume a run from its row indices)."""
         if n < 1 or max_new_tokens < 1:
             raise PIPOError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
-        if seeds is not None:
-            if len(seeds) != len(prompts):
-                raise PIPOError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
-            return [self.generate([p], sampling, max_new_tokens=max_new_tokens, n=n, stop=stop,
-                                  stop_token_ids=stop_token_ids, seed=s)[0] for p, s in zip(prompts, seeds)]
         encoded = [self.encode(p) for p in prompts]
         for i, ids in enumerate(encoded):
             self.check_prompt(ids, f"prompt {i}")
-        banned = [self.parts.pad_token_id] if self.method == "pipo" else []
-        self.decoder.configure(sampling, seed, banned)
-        stops = frozenset(self.eos_ids) | frozenset(stop_token_ids)
-        stop_strings = StopStrings(self.tokenizer, tuple(stop))
-        waiting = deque(self._sequence(i, j, ids, max_new_tokens, stops, stop_strings)
-                        for i, ids in enumerate(encoded) for j in range(n))
+        if seeds is not None and len(seeds) != len(encoded):
+            raise PIPOError(f"seeds has {len(seeds)} entries for {len(encoded)} prompts")
+        seeds = list(seeds) if seeds is not None else [derive_seed(seed, i) for i in range(len(encoded))]
+        base = f"generate-{id(encoded)}-"
+        for i, ids in enumerate(encoded):
+            self.add_request(base + str(i), ids, sampling, max_new_tokens, n, stop, stop_token_ids, seeds[i],
+                             detokenize=False)
         results: list[list[Completion | None]] = [[None] * n for _ in encoded]
-        free = list(range(self.max_batch_size))
-        active: dict[int, Sequence] = {}
-        in_flight = None  # the last launched step, emitted after the next one is queued
-        with tqdm(total=len(waiting), disable=not progress, desc=f"generate ({self.method})") as bar:
-            while waiting or active or in_flight is not None:
-                for _ in range(2):  # finished sequences free their slots; a first token can finish one too
-                    for slot, seq in list(active.items()):
-                        if not seq.done and seq.length + self.decoder.room > self.decoder.capacity:
-                            seq.finish_reason = "length"
-                        if seq.done:
-                            results[seq.index][seq.sample] = seq.completion(self.tokenizer)
-                            del active[slot]
-                            heapq.heappush(free, slot)
-                            bar.update(1)
-                    admitted = False
-                    while waiting and free:
-                        slot = heapq.heappop(free)
-                        active[slot] = waiting.popleft()
-                        self._start(slot, active[slot])
-                        admitted = True
-                    if not admitted:
-                        break
-                # Queue step t+1 before emitting step t, so the host's emission overlaps the GPU. A sequence
-                # that step t finishes still had step t+1 computed: `finish` drops its values, and the next
-                # request that takes the slot resets it.
-                launched = None
-                if active:
-                    batch = next(b for b in self.buckets if b > max(active))
-                    launched = self.decoder.step(batch, active)
-                if in_flight is not None:
-                    in_flight.finish()
-                in_flight = launched
+        with tqdm(total=len(encoded) * n, disable=not progress, desc=f"generate ({self.method})") as bar:
+            while self.has_unfinished():
+                for update in self.step():
+                    if update.finished and update.request_id.startswith(base):
+                        results[int(update.request_id[len(base):])][update.sample] = update.completion
+                        bar.update(1)
         return results  # type: ignore[return-value]
 
-    def _sequence(self, index, sample, ids, max_new_tokens, stops, stop_strings) -> Sequence:
-        units = list(ids)
-        if self.method == "pipo" and len(units) % 2:
-            units.append(self.parts.pad_token_id)  # the prompt/response boundary falls on a pair boundary
-        budget = min(max_new_tokens, self.max_seq_len - len(units))
-        return Sequence(index, sample, list(ids), tuple(units), budget, stops, stop_strings)
+    # ---------------------------------------------------------------- scheduling
+    def _admit(self) -> None:
+        """Admit waiting sequences in order while rows and blocks allow; samples of a prompt being prefilled
+        wait for it (they will share its blocks)."""
+        busy = {s.feed for s in self.prefilling if not s.raw}
+        skipped = []
+        while self.waiting and self.free_slots and self.free_rows:
+            seq = self.waiting.popleft()
+            if not seq.raw and seq.feed in busy:
+                skipped.append(seq)
+                continue
+            if not self._start(seq):
+                self.waiting.appendleft(seq)
+                break
+            if not seq.raw:
+                busy.add(seq.feed)
+        self.waiting.extendleft(reversed(skipped))
 
-    def _start(self, slot: int, seq: Sequence) -> None:
-        """Prefill a slot (reusing the longest cached prompt prefix) and sample its first token(s)."""
+    def _start(self, seq: Sequence) -> bool:
+        """Take a decode slot, a prefill row and the blocks of the sequence's feed (sharing a cached prefix)."""
+        w, bs = self.decoder.unit_width, self.decoder.block_size
+        total = len(seq.feed) // w
+        hit = self.prefix_cache.lookup(seq.feed, w, bs)
+        shared = hit.blocks[: self._full_blocks(hit.length)] if hit is not None else []
+        tail = hit is not None and len(hit.blocks) > len(shared)
+        need = -(-total // bs) - len(shared)
+        if hit is not None:
+            self.pool.share(hit.blocks)  # pin the entry's blocks while eviction runs
+        if self.pool.available < need:
+            self.prefix_cache.evict(need)
+        if self.pool.available < need:
+            if hit is not None:
+                self.pool.release(hit.blocks)
+            return False
+        fresh = self.pool.take(need)
+        self.prefix_cache.count(seq.feed, hit, w, bs)
+        seq.slot, seq.row = heapq.heappop(self.free_slots), heapq.heappop(self.free_rows)
+        seq.order = self.admitted = self.admitted + 1
         seq.start()
-        width = self.decoder.unit_width
-        hit = self.prefix_cache.lookup(seq.units, width)
-        if hit is None:
-            self.decoder.reset(slot)
-            start = 0
+        if not seq.raw:
+            self.queued_prompts[seq.units] -= 1
+        self.decoder.reset(seq.row, seq.tokens)
+        self.decoder.set_row(seq.row, seq.params, seq.seed)
+        seq.blocks = shared + fresh
+        if hit is not None:
+            if tail:
+                self.decoder.copy_block(hit.blocks[-1], fresh[0])  # copy-on-write of the partial block
+            self.decoder.load_state(seq.row, hit.state, hit.length)
+            self.pool.release([b for b in hit.blocks if b not in shared])
+            if hit.units == seq.feed and not seq.raw:
+                hit.waiting -= 1
+        seq.prefilled = hit.length if hit is not None else 0
+        self._write_table(seq.row, 0, seq.blocks)
+        self.prefilling.append(seq)
+        return True
+
+    def _full_blocks(self, length: int) -> int:
+        """Blocks every cache has filled once `length` positions are prefilled (shareable, never written again)."""
+        return self.decoder.mtp_entries(length) // self.decoder.block_size
+
+    def _prefill(self) -> list[Sequence]:
+        """Prefill chunks of admitted prompts under the per-step token budget; start the finished ones."""
+        budget, started = self.max_prefill_tokens, []
+        for seq in list(self.prefilling):
+            total = len(seq.feed) // self.decoder.unit_width
+            while seq.prefilled < total and budget > 0:
+                hi = min(total, seq.prefilled + min(self.prefill_chunk, budget))
+                self.decoder.prefill_chunk(seq.row, seq.feed, seq.prefilled, hi)
+                budget -= hi - seq.prefilled
+                self.metrics["prefill_tokens"] += hi - seq.prefilled
+                seq.prefilled = hi
+                seq.stats.forward_passes += 1 if hi == total else 0
+            if seq.prefilled < total:
+                break
+            self.prefilling.remove(seq)
+            if not seq.raw and seq.stats.forward_passes:  # a prompt it prefilled (not one served whole by the cache)
+                self._cache_prompt(seq)
+            self._to_decode(seq)
+            started.append(seq)
+        return started
+
+    def _cache_prompt(self, seq: Sequence) -> None:
+        """Keep a prefilled prompt's state: its full blocks shared, its partial block copied (needs one block)."""
+        if self.prefix_cache.capacity <= 0 and self.queued_prompts[seq.units] <= 0:
+            return
+        length = seq.prefilled
+        full = self._full_blocks(length)
+        blocks = seq.blocks[:full]
+        if -(-length // self.decoder.block_size) > full:
+            if self.pool.available < 1:
+                self.prefix_cache.evict(1)
+            if self.pool.available < 1:
+                return
+            copy = self.pool.take(1)[0]
+            self.decoder.copy_block(seq.blocks[full], copy)
+            blocks = blocks + [copy]
+            self.pool.share(seq.blocks[:full])
         else:
-            start = self.decoder.restore(slot, hit[1])
-        self.decoder.prefill(slot, seq, start)
-        if hit is None or len(hit[0]) < len(seq.units):
-            self.prefix_cache.store(seq.units, self.decoder.snapshot(slot, seq.length))
-        self.decoder.first(slot, seq)
+            self.pool.share(blocks)
+        self.prefix_cache.store(CachedPrompt(seq.feed, blocks, length, self.decoder.save_state(seq.row),
+                                             waiting=self.queued_prompts[seq.units]))
+
+    def _to_decode(self, seq: Sequence) -> None:
+        """Move a prefilled sequence from its prefill row to its decode slot and sample its first token(s)."""
+        row, seq.row = seq.row, seq.slot
+        self.decoder.move(row, seq.slot)
+        self.decoder.tables[row].zero_()
+        heapq.heappush(self.free_rows, row)
+        seq.length = len(seq.feed) // self.decoder.unit_width
+        self.running[seq.slot] = seq
+        self._set_mode()
+        self.decoder.first(seq.slot, seq)
+
+    def _reserve_decode_blocks(self) -> None:
+        """Blocks for every position the next step may write; evict cached prompts, then preempt the newest."""
+        bs, reach = self.decoder.block_size, 2 * self.decoder.room
+        while True:
+            wants = []
+            for seq in self.running.values():
+                need = -(-min(seq.length + reach, self.decoder.capacity) // bs) - len(seq.blocks)
+                if need > 0 and not seq.done:
+                    wants.append((seq, need))
+            total = sum(n for _, n in wants)
+            if total > self.pool.available:
+                self.prefix_cache.evict(total)
+            if total <= self.pool.available:
+                break
+            if self.in_flight is not None:  # exact lengths first: emission may finish sequences
+                self._drain()
+                continue
+            self._preempt(max([*self.running.values(), *self.prefilling], key=lambda s: s.order))
+        for seq, need in wants:
+            fresh = self.pool.take(need)
+            self._write_table(seq.slot, len(seq.blocks), fresh)
+            seq.blocks += fresh
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a sequence's blocks and rows and queue it first; it will prefill its prompt + tokens again."""
+        self._release(seq)
+        seq.feed = seq.resume_feed()
+        seq.prefilled = 0
+        if not seq.raw:
+            self.queued_prompts[seq.units] += 1
+        self.waiting.appendleft(seq)
+        self.metrics["preemptions"] += 1
+
+    def _release(self, seq: Sequence) -> None:
+        """Return a sequence's blocks, rows and slot (its table rows point at block 0 again)."""
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+            self.decoder.tables[seq.row].zero_()
+            heapq.heappush(self.free_rows, seq.row)
+            heapq.heappush(self.free_slots, seq.slot)
+        elif self.running.get(seq.slot) is seq:
+            del self.running[seq.slot]
+            self.decoder.tables[seq.slot].zero_()
+            heapq.heappush(self.free_slots, seq.slot)
+            self._set_mode()
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.slot, seq.row = [], -1, -1
+
+    def _write_table(self, row: int, start: int, blocks: list[int]) -> None:
+        if blocks:
+            values = torch.tensor(blocks, dtype=torch.long)
+            if self.decoder.device.type == "cuda":
+                values = values.pin_memory().to(self.decoder.device, non_blocking=True)
+            self.decoder.tables[row, start : start + len(blocks)] = values
+
+    def _set_mode(self) -> None:
+        mode = SamplingMode.of([s.params for s in self.running.values()]) if self.running else self.mode
+        if mode != self.mode:
+            self.mode = mode
+            self.decoder.set_mode(mode)
+
+    def _drain(self) -> None:
+        """Emit the step in flight; its sequences join this step's updates."""
+        if self.in_flight is not None:
+            in_flight, self.in_flight = self.in_flight, None
+            in_flight.finish()
+            self.touched += list(in_flight.seqs.values())
+
+    def _updates(self, touched: Iterable[Sequence]) -> list[Update]:
+        """New tokens and text of the touched samples; finished ones are released and completed."""
+        updates, seen = [], set()
+        for seq in touched:
+            if id(seq) in seen or seq.closed or seq.slot < 0 and not seq.done:
+                continue
+            seen.add(id(seq))
+            if not seq.done and seq.length + self.decoder.room > self.decoder.capacity:
+                seq.finish_reason = "length"
+            if len(seq.tokens) == seq.reported and not seq.done:
+                continue
+            new = seq.tokens[seq.reported :]
+            seq.reported = len(seq.tokens)
+            completion = None
+            if seq.done:
+                if seq.slot >= 0:
+                    self._release(seq)
+                completion = seq.completion(self.tokenizer)
+                seq.closed = True
+                self._forget(seq)
+            updates.append(Update(seq.request_id, seq.sample, new, self._text_delta(seq, completion), seq.done,
+                                  seq.finish_reason, seq.stats, completion))
+        return updates
+
+    def _forget(self, seq: Sequence) -> None:
+        seqs = self.requests.get(seq.request_id)
+        if seqs is not None and all(s.done for s in seqs):
+            del self.requests[seq.request_id]
+
+    def _text_delta(self, seq: Sequence, completion: Completion | None) -> str:
+        """Text added since the last update, decoded incrementally (a few tokens back, so that multi-token
+        characters come out whole); the last update adds what the final text holds beyond it."""
+        prefix, read, sent = seq.text_offsets
+        if prefix < 0 or self.tokenizer is None:
+            return ""
+        if completion is not None:
+            seq.text_offsets = (prefix, read, len(completion.text))
+            return completion.text[sent:]
+        before = self.tokenizer.decode(seq.tokens[prefix:read])
+        after = self.tokenizer.decode(seq.tokens[prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd") or seq.stop_strings.stops:
+            return ""  # incomplete character, or text held back until stop strings are settled
+        seq.text_offsets = (read, len(seq.tokens), sent + len(after) - len(before))
+        return after[len(before):]
+
+    def _recover_from_oom(self, error: torch.OutOfMemoryError) -> None:
+        """Free what the failed step held: the step in flight is dropped and every admitted sequence is
+        preempted (each recomputes from its emitted tokens); a second OOM in a row stops every request
+        with a clear error, leaving the engine empty and usable."""
+        self.in_flight = None
+        for seq in sorted([*self.running.values(), *self.prefilling], key=lambda s: -s.order):
+            self._preempt(seq)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.oom_streak += 1
+        if self.oom_streak < 2:
+            return
+        for seq in list(self.waiting):
+            self.abort(seq.request_id)
+        self.waiting.clear()
+        self.queued_prompts.clear()
+        raise PIPOError(f"out of device memory twice in a row ({str(error)[:200]}): lower "
+                        "gpu_memory_utilization, prefill_chunk or max_seq_len")
 
 
 def open_engine(model: str | Path | PreTrainedModel, method: str = "regular", backend: str = "native", **options):

@@ -1,4 +1,4 @@
-"""Split-K ("flash-decoding") attention of a few new queries per row over a static KV cache, in Triton.
+"""Split-K ("flash-decoding") attention of a few new queries per row over a paged KV cache, in Triton.
 
 Why: a decode step has 1 to k+1 queries per row, so SDPA runs one program per (row,
 KV head) over the whole static capacity: 4 programs for 132 SMs at batch 1, with masked
@@ -7,6 +7,8 @@ cache into enough chunks to fill the GPU, and a chunk past the row's furthest qu
 position exits at once; so a step reads only the filled part of the cache while the grid
 stays fixed, as CUDA graphs need. A second small kernel merges the chunks' partial
 softmaxes. Queries of one KV head's group share each K/V tile (grouped-query attention).
+Keys are read through each row's block table: a tile of `BLOCK_N` keys lies inside one
+pool block (the block size is a multiple of `BLOCK_N`), found by one table load.
 """
 from __future__ import annotations
 
@@ -29,20 +31,26 @@ def multiprocessors() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def available(q: torch.Tensor) -> bool:
-    """True where this kernel applies: Triton on a CUDA tensor, power-of-two head dim >= 16."""
+def available(q: torch.Tensor, block_size: int) -> bool:
+    """True where this kernel applies: Triton on a CUDA tensor, power-of-two head dim >= 16, blocks of >= 16."""
     d = q.shape[-1]
-    return triton is not None and q.is_cuda and d >= 16 and d & (d - 1) == 0
+    return triton is not None and q.is_cuda and d >= 16 and d & (d - 1) == 0 and tile(block_size) >= 16
+
+
+def tile(block_size: int) -> int:
+    """Keys per kernel tile for pool blocks of `block_size` positions (a divisor of it)."""
+    return min(BLOCK_N, block_size & -block_size)
 
 
 if triton is not None:
 
     @triton.jit
     def _partial_kernel(
-        Q, K, V, POS, M, L, ACC,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_pb,
+        Q, K, V, TABLE, POS, M, L, ACC,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_tb, stride_pb,
         scale, n_rows, split_len,
         HKV: tl.constexpr, STEPS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+        BS: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -59,19 +67,21 @@ if triton is not None:
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, D], tl.float32)
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
         for start in range(lo, hi, BLOCK):
             n = start + tl.arange(0, BLOCK)
             key_ok = n < hi
-            k = tl.load(k_base + n[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
+            block = tl.load(TABLE + b * stride_tb + start // BS).to(tl.int64)
+            at = (start % BS + tl.arange(0, BLOCK))[:, None]
+            k_base = K + block * stride_kb + h * stride_kh
+            v_base = V + block * stride_vb + h * stride_vh
+            k = tl.load(k_base + at * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where((n[None, :] <= pos[:, None]) & key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - m_safe)
             p = tl.exp(s - m_safe[:, None])
-            v = tl.load(v_base + n[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_base + at * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
             l = l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
@@ -103,22 +113,27 @@ if triton is not None:
         tl.store(O + (bh * n_rows + row) * D + dims, (acc / l).to(O.dtype.element_ty))
 
 
-def split_length(batch: int, kv_heads: int, capacity: int) -> int:
+def split_length(batch: int, kv_heads: int, capacity: int, block: int, sms: int) -> int:
     """Keys per chunk: enough chunks over the capacity that (rows x KV heads x chunks) fills the GPU ~8 times."""
-    blocks = triton.cdiv(capacity, BLOCK_N)
-    chunks = max(1, min(blocks, triton.cdiv(8 * multiprocessors(), batch * kv_heads)))
-    return triton.cdiv(blocks, chunks) * BLOCK_N
+    tiles = triton.cdiv(capacity, block)
+    chunks = max(1, min(tiles, triton.cdiv(8 * sms, batch * kv_heads)))
+    return triton.cdiv(tiles, chunks) * block
 
 
-def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, scale: float
+def paged_decode_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor,
+    scale: float, sms: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of queries `q` [B, Hkv, G*T, D] (row g*T + t is query t of group head g) at `positions`
-    [B, T] (non-decreasing along T) over caches [B, Hkv, capacity, D] that already hold the new keys; returns [B, Hkv, G*T, D]."""
+    [B, T] (non-decreasing along T) over pools [num_blocks, Hkv, block_size, D] through block tables
+    [B, max_blocks]; the pools already hold the new keys. Returns [B, Hkv, G*T, D].
+    `sms` (multiprocessors) sizes the split; the current CUDA device's by default."""
     batch, kv_heads, n_rows, d = q.shape
-    capacity = k_cache.shape[2]
+    block_size = k_pool.shape[2]
+    block = tile(block_size)
+    capacity = tables.shape[1] * block_size
     rows = max(16, triton.next_power_of_2(n_rows))
-    split = split_length(batch, kv_heads, capacity)
+    split = split_length(batch, kv_heads, capacity, block, sms or multiprocessors())
     n_splits = triton.cdiv(capacity, split)
     q = q.contiguous()
     positions = positions.contiguous()
@@ -126,11 +141,11 @@ def decode_attention(
     l = torch.empty_like(m)
     acc = torch.empty(m.numel(), d, device=q.device, dtype=torch.float32)
     _partial_kernel[(batch * kv_heads, n_splits)](
-        q, k_cache, v_cache, positions, m, l, acc,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), positions.stride(0),
+        q, k_pool, v_pool, tables, positions, m, l, acc,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), tables.stride(0), positions.stride(0),
         scale, n_rows, split,
-        HKV=kv_heads, STEPS=positions.shape[1], ROWS=rows, D=d, BLOCK=BLOCK_N, num_warps=4, num_stages=2,
+        HKV=kv_heads, STEPS=positions.shape[1], ROWS=rows, D=d, BLOCK=block, BS=block_size, num_warps=4, num_stages=2,
     )
     out = torch.empty_like(q)
     _merge_kernel[(batch * kv_heads, n_rows)](m, l, acc, out, n_splits, n_rows, ROWS=rows, D=d,

@@ -1,8 +1,10 @@
-"""Host-side state of one sequence being generated: emitted tokens, stop conditions, statistics."""
+"""Host-side state of one sequence being generated: emitted tokens, stop conditions, statistics, KV blocks."""
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+
+from pipo.model.sampling import SamplingParams
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Completion:
 
     token_ids: list[int]
     text: str
-    finish_reason: str  # "eos" (an EOS or stop id), "stop" (a stop string), "length"
+    finish_reason: str  # "eos" (an EOS or stop id), "stop" (a stop string), "length", "abort"
     stats: RequestStats
     raw_ids: list[int] = field(default_factory=list)  # every emitted slot, PADs included
 
@@ -75,14 +77,31 @@ class Sequence:
     stats: RequestStats = field(default_factory=RequestStats)
     length: int = 0  # backbone cache entries
     started: float = 0.0
+    request_id: str = ""
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    slot: int = -1  # decode row while admitted, else -1
+    row: int = -1  # the row it prefills in (a prefill row, then its decode slot)
+    blocks: list[int] = field(default_factory=list)  # its block table (pool block ids)
+    feed: tuple[int, ...] = ()  # units to prefill: the prompt, or after a preemption prompt + emitted so far
+    prefilled: int = 0  # backbone positions of `feed` in the cache
+    order: int = 0  # admission counter: the newest admitted is preempted first
+    reported: int = 0  # tokens already handed out by `Engine.step`
+    text_offsets: tuple[int, int, int] = (0, 0, 0)  # incremental detokenisation: prefix, read, characters sent
+    closed: bool = False  # its last update was handed out
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
     def start(self) -> None:
-        self.started = time.perf_counter()
+        if not self.started:  # a preempted sequence keeps its first start time
+            self.started = time.perf_counter()
         self.stats.prompt_tokens = len(self.prompt)
+
+    def resume_feed(self) -> tuple[int, ...]:
+        """What a preempted sequence prefills again: its prompt units and every slot it emitted (PADs included)."""
+        return self.units + tuple(self.raw)
 
     def emit(self, token: int) -> bool:
         """Append a visible token; True once the sequence is finished (EOS/stop id, stop string, budget)."""

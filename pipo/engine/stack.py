@@ -1,13 +1,15 @@
-"""A decoder stack run layer by layer against static, slot-indexed caches.
+"""A decoder stack run layer by layer against paged KV pools and slot-indexed linear states.
 
 The engine cannot use Hugging Face's `DynamicCache`: continuous batching needs one
-cache row per slot, CUDA graphs need fixed addresses, and EAGLE verification must
-roll linear-attention states back to any accepted prefix. So this module reuses the
+state row per running sequence, CUDA graphs need fixed addresses, and EAGLE verification
+must roll linear-attention states back to any accepted prefix. So this module reuses the
 HF modules' weights and projection submodules but writes its own attention and
 gated-delta-rule steps against preallocated buffers:
 
-- full attention: K/V `[slots, kv_heads, capacity, head_dim]`, written at explicit positions;
-- Qwen3.5 linear attention: the last `kernel - 1` conv inputs and the fp32 recurrent state.
+- full attention: K/V pools `[num_blocks, kv_heads, block_size, head_dim]`; position p of the
+  sequence in slot s lives in block `tables[s, p // block_size]` at offset `p % block_size`
+  (`tables` is the engine's block-table tensor, shared by every stack);
+- Qwen3.5 linear attention: per slot, the last `kernel - 1` conv inputs and the fp32 recurrent state.
 
 Rows of a batch are always a contiguous range of slots (`rows: slice`), so every
 buffer access is a view and a decode step over slots `[0, B)` can be graph-captured.
@@ -27,7 +29,7 @@ from pipo.engine import flash_decode, kernels
 
 @dataclass
 class LayerState:
-    """One layer's slot buffers: `k`/`v` for full attention, `conv`/`rec` for linear attention."""
+    """One layer's buffers: `k`/`v` block pools for full attention, per-slot `conv`/`rec` for linear attention."""
 
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
@@ -118,11 +120,18 @@ def compiled_segments() -> tuple:
     return tuple(torch.compile(fn, dynamic=None) for fn in SEGMENTS)
 
 
-class StaticStack:
+def kv_bytes_per_block(layers, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes over the full-attention layers of `layers` (K and V)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * block_size * layer.self_attn.k_proj.out_features * size for layer in layers if not _is_linear(layer))
+
+
+class PagedStack:
     """Decoder layers + final norm of one model part (the backbone, or the one-layer MTP head).
 
-    `compile` runs the layers' pure segments through torch.compile (GPU); `record_steps`
-    keeps per-token linear-attention states for rollback (`commit`).
+    `tables` [slots, max_blocks] maps each slot's positions to pool blocks; `compile` runs the
+    layers' pure segments through torch.compile (GPU); `record_steps` keeps per-token
+    linear-attention states for rollback (`commit`).
     """
 
     def __init__(
@@ -131,19 +140,22 @@ class StaticStack:
         norm: nn.Module,
         rotary: nn.Module,
         slots: int,
-        capacity: int,
+        tables: torch.Tensor,
+        num_blocks: int,
+        block_size: int,
         record_steps: int = 0,
         compile: bool = False,
     ) -> None:
         self.layers = list(layers)
         self.norm = norm
         self.rotary = rotary
-        self.capacity = capacity
+        self.tables = tables
+        self.block_size = block_size
         self.record_steps = record_steps
         self.segments = compiled_segments() if compile else SEGMENTS
-        self.states = [self._allocate(layer, slots) for layer in self.layers]
+        self.states = [self._allocate(layer, slots, num_blocks) for layer in self.layers]
 
-    def _allocate(self, layer: nn.Module, slots: int) -> LayerState:
+    def _allocate(self, layer: nn.Module, slots: int, num_blocks: int) -> LayerState:
         weight = next(layer.parameters())
         dtype, device = weight.dtype, weight.device
         if _is_linear(layer):
@@ -156,7 +168,7 @@ class StaticStack:
                 state.step_rec = torch.zeros(self.record_steps, *rec.shape, dtype=torch.float32, device=device)
             return state
         attn = layer.self_attn
-        shape = (slots, attn.k_proj.out_features // attn.head_dim, self.capacity, attn.head_dim)
+        shape = (num_blocks, attn.k_proj.out_features // attn.head_dim, self.block_size, attn.head_dim)
         return LayerState(k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device))
 
     # ------------------------------------------------------------------ forward
@@ -171,13 +183,13 @@ class StaticStack:
     ) -> torch.Tensor:
         """Input embeddings `x` [B, T, H] at `positions` [B, T] of slots `rows` -> normed hidden [B, T, H].
 
-        `kv_len` bounds the keys attended where SDPA runs (the static capacity under CUDA
-        graphs; the Triton decode kernel reads each row's filled prefix whatever it is).
+        `kv_len` bounds the keys attended where SDPA runs (a whole number of blocks is read;
+        the Triton decode kernel reads each row's filled blocks whatever it is).
         `recurrent` runs the gated delta rule token by token (decode); otherwise chunked
         (prefill). `record` keeps every token's linear-attention state so that `commit`
         can roll back to an accepted prefix.
         """
-        kv_len = kv_len or self.capacity
+        kv_len = kv_len or self.tables.shape[1] * self.block_size
         if hasattr(self.rotary, "mrope_section"):  # Qwen3.5's multimodal rotary: text uses one position per axis
             cos, sin = self.rotary(x, positions[None].expand(3, -1, -1))
         else:
@@ -206,27 +218,32 @@ class StaticStack:
         kv_len: int,
         decode: bool,
     ) -> torch.Tensor:
-        """Causal attention of the new tokens over the slot's cache (they are written first) -> [B, Hq, T, D].
+        """Causal attention of the new tokens over the rows' paged caches (they are written first) -> [B, Hq, T, D].
 
-        Decode steps on GPU use the split-K Triton kernel; prefill and CPU use SDPA with a mask.
+        Decode steps on GPU use the paged split-K Triton kernel; prefill and CPU gather the
+        rows' first `kv_len` positions of blocks and use SDPA with a mask.
         """
         batch, _, steps, d = q.shape
-        row_idx = torch.arange(batch, device=q.device)[:, None].expand(batch, steps)
-        k_cache, v_cache = state.k[rows], state.v[rows]
-        k_cache[row_idx, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
-        v_cache[row_idx, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+        bs = self.block_size
+        tables = self.tables[rows]
+        blocks = tables.gather(1, positions // bs)
+        offsets = positions % bs
+        state.k[blocks, :, offsets] = k.transpose(1, 2).to(state.k.dtype)
+        state.v[blocks, :, offsets] = v.transpose(1, 2).to(state.v.dtype)
         # grouped-query attention without repeating K/V: each KV head's query group becomes extra query rows
-        kv_heads = k_cache.shape[1]
+        kv_heads = state.k.shape[1]
         q = q.reshape(batch, kv_heads, -1, d)
-        if decode and flash_decode.available(q):
-            out = flash_decode.decode_attention(q, k_cache, v_cache, positions, attn.scaling)
+        if decode and flash_decode.available(q, bs):
+            out = flash_decode.paged_decode_attention(q, state.k, state.v, tables, positions, attn.scaling)
         else:
-            mask = torch.arange(kv_len, device=q.device)[None, None, :] <= positions[:, :, None]
+            used = tables[:, : -(-kv_len // bs)]
+            k_cache = state.k[used].transpose(1, 2).reshape(batch, kv_heads, -1, d)
+            v_cache = state.v[used].transpose(1, 2).reshape(batch, kv_heads, -1, d)
+            mask = torch.arange(k_cache.shape[2], device=q.device)[None, None, :] <= positions[:, :, None]
             out = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
-                attn_mask=mask[:, None].repeat(1, 1, q.shape[2] // steps, 1), scale=attn.scaling,
+                q, k_cache, v_cache, attn_mask=mask[:, None].repeat(1, 1, q.shape[2] // steps, 1), scale=attn.scaling,
             )
-        return out.view(batch, -1, steps, d)
+        return out.reshape(batch, -1, steps, d)
 
     def _delta_rule(
         self,
@@ -261,26 +278,25 @@ class StaticStack:
                 state.rec[rows] = state.step_rec[last_step, slots]
 
     def reset(self, slot: int) -> None:
-        """Forget a slot's linear-attention history (KV entries are simply overwritten later)."""
+        """Forget a slot's linear-attention history (KV entries live in the sequence's own blocks)."""
         for state in self.states:
             if state.rec is not None:
                 state.conv[slot].zero_()
                 state.rec[slot].zero_()
 
-    def snapshot(self, slot: int, length: int) -> list[tuple[torch.Tensor, ...]]:
-        """Copies of a slot's first `length` cache entries and its linear states (for the prefix cache)."""
-        return [
-            (s.conv[slot].clone(), s.rec[slot].clone()) if s.rec is not None
-            else (s.k[slot, :, :length].clone(), s.v[slot, :, :length].clone())
-            for s in self.states
-        ]
+    def save_linear(self, slot: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Copies of a slot's linear-attention states (the part of a prompt's state that is not paged)."""
+        return [(s.conv[slot].clone(), s.rec[slot].clone()) if s.rec is not None else None for s in self.states]
 
-    def restore(self, slot: int, saved: list[tuple[torch.Tensor, ...]]) -> None:
-        """Load a `snapshot` into a slot."""
-        for state, (a, b) in zip(self.states, saved):
-            if state.rec is not None:
-                state.conv[slot].copy_(a)
-                state.rec[slot].copy_(b)
-            else:
-                state.k[slot, :, : a.shape[1]].copy_(a)
-                state.v[slot, :, : b.shape[1]].copy_(b)
+    def load_linear(self, slot: int, saved: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        for state, item in zip(self.states, saved):
+            if item is not None:
+                state.conv[slot].copy_(item[0])
+                state.rec[slot].copy_(item[1])
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one pool block into another in every full-attention layer (copy-on-write of a partial block)."""
+        for state in self.states:
+            if state.k is not None:
+                state.k[dst].copy_(state.k[src])
+                state.v[dst].copy_(state.v[src])

@@ -124,3 +124,161 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     """
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / noise).argmax(-1)
+
+
+# ---------------------------------------------------------------- per-row sampling (the engine)
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser on int64 tensors holding values in [0, 2^32) (products stay below 2^63)."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def seed32(seed: int) -> int:
+    """A Python int seed (any size) folded to the 32 bits the counter-based noise uses."""
+    folded = 0
+    seed &= (1 << 128) - 1
+    while True:
+        folded ^= seed & _MASK32
+        seed >>= 32
+        if not seed:
+            return folded
+
+
+def derive_seed(seed: int, *index: int) -> int:
+    """A child seed for (seed, index...) — e.g. a prompt's seed from the run's, a sample's from the prompt's."""
+    x = torch.tensor([seed32(seed)], dtype=torch.long)
+    for i in index:
+        x = _mix32(x ^ _mix32(torch.tensor([seed32(i) ^ 0x9E3779B9], dtype=torch.long)))
+    return int(x)
+
+
+def row_uniforms(seeds: torch.Tensor, counters: torch.Tensor, salt: int, width: int) -> torch.Tensor:
+    """Uniforms in (0, 1) [B, width], a pure function of (row seed, row counter, salt, column).
+
+    Counter-based noise: a sequence's draws depend only on its own seed and position, never on
+    which rows it shares a batch with, its slot, or whether it was preempted and recomputed.
+    """
+    key = _mix32(seeds ^ _mix32((counters * 128 + salt) & _MASK32))
+    cols = _mix32(torch.arange(width, device=seeds.device, dtype=torch.long) ^ 0x2545F491)
+    bits = _mix32(key[:, None] ^ cols[None, :]) >> 8  # 24 bits: exact in float32, so u never rounds to 1
+    return (bits.float() + 0.5) * (1.0 / 16777216.0)
+
+
+@dataclass(frozen=True)
+class SamplingMode:
+    """Which logits transforms a batch's rows need (their per-row values live in tensors): one graph per mode."""
+
+    greedy: bool = True  # every row greedy
+    penalty: bool = False
+    top_k: int = 0  # the largest top-k over the rows, rounded up to a power of two; 0: none
+    top_p: bool = False
+    min_p: bool = False
+    top_k_all: bool = False  # every sampled row has a top-k: top-p then needs only the top-k values, no sort
+
+
+    @staticmethod
+    def of(params: "list[SamplingParams]") -> "SamplingMode":
+        top_k = max((p.top_k for p in params if not p.greedy), default=0)
+        return SamplingMode(
+            greedy=all(p.greedy for p in params),
+            penalty=any(p.presence_penalty != 0 for p in params),
+            top_k=1 << (top_k - 1).bit_length() if top_k else 0,
+            top_p=any(p.top_p < 1 and not p.greedy for p in params),
+            min_p=any(p.min_p > 0 and not p.greedy for p in params),
+            top_k_all=all(p.top_k > 0 for p in params if not p.greedy),
+        )
+
+
+@dataclass
+class RowParams:
+    """Per-row sampling parameters as device tensors [rows] (views of the engine's slot buffers)."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    min_p: torch.Tensor
+    presence: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> "RowParams":
+        return RowParams(self.temperature[rows], self.top_p[rows], self.top_k[rows], self.min_p[rows],
+                         self.presence[rows])
+
+
+def row_logits(
+    logits: torch.Tensor, params: RowParams, mode: SamplingMode, banned: torch.Tensor | None, seen: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(processed logits with excluded ids at -inf, greedy argmax) for raw `logits` [B, V], rule per row.
+
+    Same order as `probabilities`: presence penalty, banned ids, temperature, top-k, top-p, min-p;
+    masking logits and renormalising probabilities define the same distribution.
+    """
+    z = logits.float()
+    if mode.penalty and seen is not None:
+        z = z - params.presence[:, None] * seen.to(z.dtype)
+    if banned is not None:
+        z = z.index_fill(-1, banned, float("-inf"))
+    greedy = z.argmax(-1)
+    if mode.greedy:
+        return z, greedy
+    hot = params.temperature > 0
+    z = z / torch.where(hot, params.temperature, torch.ones_like(params.temperature))[:, None]
+    if mode.top_k:
+        k = min(mode.top_k, z.shape[-1])
+        values = torch.topk(z, k, dim=-1).values
+        kth = values.gather(1, (params.top_k.clamp(1, k) - 1)[:, None])
+        z = z.masked_fill((params.top_k > 0)[:, None] & (z < kth), float("-inf"))
+        if mode.top_p and mode.top_k_all:  # the nucleus lies inside the top-k values (sorted already)
+            values = values.masked_fill(torch.arange(k, device=z.device)[None] >= params.top_k[:, None],
+                                        float("-inf"))
+            probs = _softmax(values)
+            keep = ((probs.cumsum(-1) - probs) < params.top_p[:, None]).sum(-1, keepdim=True).clamp_min(1)
+            z = z.masked_fill(z < values.gather(1, keep - 1), float("-inf"))
+            mode = SamplingMode(mode.greedy, mode.penalty, mode.top_k, False, mode.min_p, mode.top_k_all)
+    if mode.top_p:
+        probs = _softmax(z)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p[:, None]
+        z = z.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    if mode.min_p:
+        floor = z.amax(-1, keepdim=True) + params.min_p.clamp_min(1e-30).log()[:, None]
+        z = z.masked_fill((params.min_p > 0)[:, None] & (z < floor), float("-inf"))
+    return z, greedy
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: RowParams,
+    mode: SamplingMode,
+    uniforms: torch.Tensor | None,
+    banned: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row of raw `logits` [B, V] with per-row parameters; `uniforms` [B, V] from `row_uniforms`.
+
+    The exponential race argmax(z - log E), E = -log U, picks i with probability softmax(z)_i.
+    """
+    z, greedy = row_logits(logits, params, mode, banned, seen)
+    if mode.greedy:
+        return greedy
+    token = (z - (-uniforms.log()).log()).argmax(-1)
+    return torch.where(params.temperature > 0, token, greedy)
+
+
+def row_probabilities(
+    logits: torch.Tensor, params: RowParams, mode: SamplingMode, banned: torch.Tensor | None, seen: torch.Tensor | None
+) -> torch.Tensor:
+    """Processed distributions [B, V] (float32) with per-row parameters; greedy rows are one-hot argmaxes."""
+    z, greedy = row_logits(logits, params, mode, banned, seen)
+    hot = torch.nn.functional.one_hot(greedy, z.shape[-1]).float()
+    if mode.greedy:
+        return hot
+    return torch.where((params.temperature > 0)[:, None], _softmax(z), hot)
+
+
+def sample_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One id per row of `probs` [B, V] by the exponential race with counter-based `uniforms` [B, V]."""
+    return (probs / -uniforms.log()).argmax(-1)

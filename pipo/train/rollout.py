@@ -90,6 +90,7 @@ def engine_rollouts(
     """
     weight = model.get_input_embeddings().weight
     longest = max(len(p) + len(p) % 2 for p in prompts)
+    max_seq_len = longest + 2 * max_new_tokens
     with tensors_restored(model):
         engine = Engine(
             model,
@@ -97,10 +98,12 @@ def engine_rollouts(
             device=weight.device,
             dtype=weight.dtype,
             max_batch_size=len(prompts),
-            max_seq_len=longest + 2 * max_new_tokens,
+            max_seq_len=max_seq_len,
             conf_threshold=conf_threshold,
             eos_token_ids=eos_token_ids,
             prefix_cache_size=0,
+            # KV blocks for every rollout at full length, not a share of the GPU the trainer is using
+            num_blocks=Engine.blocks_for("pipo", max_seq_len, len(prompts)),
         )
         completions = engine.generate([list(p) for p in prompts], params, max_new_tokens=max_new_tokens, seed=seed)
     return [Rollout(c.token_ids, c.raw_ids, c.finish_reason == "eos") for (c,) in completions]

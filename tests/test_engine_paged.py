@@ -1,0 +1,172 @@
+"""Paged KV memory: exact outputs under preemption, shared prompt blocks, prefix hits, no leaked blocks, order."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from pipo.engine import Engine, load_regular
+from pipo.errors import PIPOError
+from pipo.model.reference import generate_mtp_reference, generate_pipo_reference, generate_regular_reference
+from pipo.model.sampling import GREEDY, SamplingParams
+
+EOS = [2]
+# mixed lengths, a prompt that extends another (prefix hit), a repeated prompt (full hit)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], list(range(30, 52)), [5, 6, 7, 8, 9, 10, 11, 12, 13], [100],
+           [20, 21, 22]]
+NEW = 12
+TIGHT = dict(block_size=4, max_seq_len=40, max_batch_size=3, prefill_chunk=8, prefill_rows=2)
+
+
+@pytest.fixture(scope="module")
+def qwen_regular(backbone_dir):
+    path = backbone_dir("qwen3_5", with_mtp=True)
+    model, mtp = load_regular(path, with_mtp=True)
+    return path, model.float(), mtp.float()
+
+
+def tight_engine(model, method, spare: int = 4, **kw) -> Engine:
+    """An engine whose pool holds one sequence of max_seq_len and `spare` blocks more: sequences get preempted."""
+    probe = Engine(model, method, eos_token_ids=EOS, num_blocks=64, **TIGHT, **kw)
+    engine = Engine(model, method, eos_token_ids=EOS, num_blocks=probe.blocks_per_seq + spare, **TIGHT, **kw)
+    return engine
+
+
+def check_no_leaks(engine: Engine) -> None:
+    assert not engine.has_unfinished() and not engine.running and not engine.prefilling
+    engine.prefix_cache.clear()
+    assert engine.pool.available == engine.pool.capacity
+    assert sorted(engine.free_slots) == list(range(engine.max_batch_size))
+    assert int(engine.decoder.tables.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("method", ["regular", "mtp", "eagle"])
+def test_regular_methods_exact_under_preemption(qwen_regular, method):
+    path, model, mtp = qwen_regular
+    if method == "mtp":
+        expected = [generate_mtp_reference(model, mtp, p, NEW, GREEDY, EOS).token_ids for p in PROMPTS]
+    else:
+        expected = [generate_regular_reference(model, p, NEW, GREEDY, EOS).token_ids for p in PROMPTS]
+    engine = tight_engine(path, method)
+    out = engine.generate(PROMPTS, GREEDY, max_new_tokens=NEW, n=2)
+    assert [[c.token_ids for c in row] for row in out] == [[e, e] for e in expected]
+    assert engine.metrics["preemptions"] > 0
+    assert engine.prefix_cache.hit_blocks > 0
+    check_no_leaks(engine)
+
+
+@pytest.mark.parametrize("tau", [0.5, -1.0])
+def test_pipo_exact_under_preemption(pipo_model, tau):
+    model = pipo_model("qwen3_5")
+    with torch.no_grad():  # make the confidence head's decisions vary between steps
+        model.confidence_head.fc2.weight.normal_(0, 2.0)
+    expected = [generate_pipo_reference(model, p, NEW, GREEDY, tau, EOS) for p in PROMPTS]
+    engine = tight_engine(model, "pipo", spare=1, conf_threshold=tau)  # pairs: half the blocks
+    out = engine.generate(PROMPTS, GREEDY, max_new_tokens=NEW, n=2)
+    assert [[c.raw_ids for c in row] for row in out] == [[r.raw_ids, r.raw_ids] for r in expected]
+    assert engine.metrics["preemptions"] > 0
+    check_no_leaks(engine)
+
+
+def test_sampling_depends_only_on_the_seed(pipo_model, qwen_regular):
+    """Sampled tokens are the same alone, in a batch, and preempted and recomputed."""
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, min_p=0.01, presence_penalty=1.5)
+    for model, method in ((qwen_regular[0], "regular"), (pipo_model("qwen3_5"), "pipo")):
+        roomy = Engine(model, method, eos_token_ids=EOS, **{**TIGHT, "max_batch_size": 1})
+        alone = [roomy.generate([p], params, max_new_tokens=NEW, seeds=[7 + i])[0][0].raw_ids
+                 for i, p in enumerate(PROMPTS[:3])]
+        tight = tight_engine(model, method, spare=1 if method == "pipo" else 4)
+        together = tight.generate(PROMPTS[:3], params, max_new_tokens=NEW, seeds=[7, 8, 9])
+        assert [row[0].raw_ids for row in together] == alone, method
+        assert tight.metrics["preemptions"] > 0
+        other = roomy.generate(PROMPTS[:1], params, max_new_tokens=NEW, seeds=[8])[0][0].raw_ids
+        assert other != alone[0]
+
+
+def test_admission_is_fifo_and_the_newest_is_preempted(qwen_regular):
+    engine = tight_engine(qwen_regular[0], "regular")
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(f"r{i}", prompt, GREEDY, max_new_tokens=30)
+    seqs = [s for i in range(3) for s in engine.requests[f"r{i}"]]
+    victims = []
+    while engine.has_unfinished():
+        before = {id(s): s.order for s in [*engine.running.values(), *engine.prefilling]}
+        preempted = engine.metrics["preemptions"]
+        engine.step()
+        if engine.metrics["preemptions"] > preempted:
+            victim = engine.waiting[0]
+            assert victim.order == max(before.values())
+            victims.append(victim)
+    orders = [s.order for s in seqs]
+    assert victims and orders == sorted(orders)  # re-admissions keep the first-come order: r0 < r1 < r2
+    check_no_leaks(engine)
+
+
+def test_request_api_streams_and_aborts(qwen_regular):
+    path = qwen_regular[0]
+    engine = Engine(path, "regular", eos_token_ids=[], block_size=4, max_seq_len=64)
+    engine.add_request("a", PROMPTS[0], GREEDY, max_new_tokens=NEW, n=2)
+    engine.add_request("b", PROMPTS[2], GREEDY, max_new_tokens=50)
+    streamed: dict = {}
+    finished = {}
+    while engine.has_unfinished():
+        for u in engine.step():
+            ids, text = streamed.setdefault((u.request_id, u.sample), ([], []))
+            ids += u.token_ids
+            text.append(u.text)
+            if u.finished:
+                finished[(u.request_id, u.sample)] = u.completion
+        if ("a", 0) in finished and "b" in engine.requests:
+            engine.abort("b")
+    for key, completion in finished.items():
+        if key[0] == "a":
+            assert streamed[key][0] == completion.token_ids and "".join(streamed[key][1]) == completion.text
+    assert "b" not in engine.requests and ("b", 0) not in finished
+    check_no_leaks(engine)
+
+
+def test_pool_smaller_than_one_sequence_is_refused(qwen_regular):
+    with pytest.raises(PIPOError, match="cannot hold one sequence of max_seq_len=40"):
+        Engine(qwen_regular[0], "regular", num_blocks=5, **TIGHT)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_paged_triton_kernel_matches_sdpa(monkeypatch):
+    """The paged split-K kernel (Triton's interpreter on CPU) against SDPA over the gathered blocks."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from pipo.engine import flash_decode
+
+    flash_decode = importlib.reload(flash_decode)  # kernels are built as interpreted at import
+
+    torch.manual_seed(0)
+    batch, kv_heads, group, steps, d, bs, blocks = 2, 2, 2, 2, 16, 16, 4
+    pool_k, pool_v = torch.randn(2, 12, kv_heads, bs, d).unbind(0)
+    tables = torch.tensor([[3, 7, 1, 0], [5, 2, 9, 11]])
+    positions = torch.tensor([[20, 21], [40, 41]])
+    q = torch.randn(batch, kv_heads, group * steps, d)
+    out = flash_decode.paged_decode_attention(q, pool_k, pool_v, tables, positions, d**-0.5, sms=4)
+    keys = pool_k[tables].transpose(1, 2).reshape(batch, kv_heads, blocks * bs, d)
+    values = pool_v[tables].transpose(1, 2).reshape(batch, kv_heads, blocks * bs, d)
+    mask = (torch.arange(blocks * bs)[None, None] <= positions[:, :, None])[:, None].repeat(1, 1, group, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d**-0.5)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_counter_based_draws_keep_the_laws():
+    """Counter-based noise: the race samples p, and speculative acceptance with it emits tokens distributed as p."""
+    from pipo.engine import speculative_accept
+    from pipo.model.sampling import derive_seed, row_uniforms, sample_probs, seed32
+
+    trials = 40000
+    p = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.2, 0.3, 0.2, 0.1]])
+    q = torch.tensor([0.05, 0.05, 0.3, 0.3, 0.2, 0.1])
+    seeds = torch.tensor([seed32(derive_seed(3, j)) for j in range(trials)])
+    counters = torch.full((trials,), 7)
+    drafts = sample_probs(q.expand(trials, 6), row_uniforms(seeds, counters, 1, 6))
+    accepted, bonus = speculative_accept(p.expand(trials, 2, 6), q.expand(trials, 1, 6), drafts[:, None],
+                                         uniforms=row_uniforms(seeds, counters, 64, 1),
+                                         residual_uniforms=row_uniforms(seeds, counters, 65, 6))
+    for law, tokens in ((q, drafts), (p[0], torch.where(accepted == 1, drafts, bonus))):
+        freq = torch.bincount(tokens, minlength=6).float() / trials
+        assert (freq - law).abs().sum() / 2 < 0.01  # total variation; ~0.004 expected at this sample size
