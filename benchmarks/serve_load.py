@@ -64,7 +64,7 @@ def one_request(client: OpenAI, model: str, prompt: str, max_tokens: int) -> tup
     tokens = 0
     for chunk in client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=1.0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        stream=True, stream_options={"include_usage": True},
     ):
         if first is None and chunk.choices and (chunk.choices[0].delta.content or "") != "":
             first = time.perf_counter()

@@ -40,6 +40,7 @@ class _Live:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     streams: list[TextStream] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)  # visible tokens so far, per sample
     remaining: int = 0
 
 
@@ -111,7 +112,7 @@ class EngineRunner:
             prompt_ids = self._encode(request)
             self.engine.add_request(
                 request_id, prompt_ids, request.sampling, self._max_tokens(request, prompt_ids), n=request.n,
-                stop=request.stop, stop_token_ids=request.stop_token_ids, seed=request.seed,
+                stop=request.stop, stop_token_ids=request.stop_token_ids, seed=request.seed, detokenize=False,
             )
         except RequestError as err:
             self._send(live, Event("error", error=err))
@@ -124,6 +125,7 @@ class EngineRunner:
             self.engine.tokenizer.decode(prompt_ids[-8:]))
         live.streams = [TextStream(self.engine.tokenizer, request.stop, self.split_reasoning and request.chat,
                                    thinking) for _ in range(request.n)]
+        live.tokens = [[] for _ in range(request.n)]
         live.remaining = request.n
         self.live[request_id] = live
         echo = self.engine.tokenizer.decode(prompt_ids) if request.echo else ""
@@ -159,7 +161,8 @@ class EngineRunner:
             if not live.remaining:
                 del self.live[update.request_id]
             return
-        reasoning, content = stream.push(update.token_ids)
+        live.tokens[update.sample] += update.token_ids
+        reasoning, content = stream.push(live.tokens[update.sample])
         if reasoning or content:
             self._send(live, Event("delta", update.sample, reasoning, content))
 
