@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipo.engine.parts import METHODS
+from pipo.engine import METHODS
 
 
 def register(subparsers) -> None:
