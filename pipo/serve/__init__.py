@@ -1,0 +1,1 @@
+"""`pipo serve`: PIPO (and regular / mtp / eagle) decoding behind the OpenAI HTTP API."""

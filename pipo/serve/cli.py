@@ -1,0 +1,42 @@
+"""`pipo serve`: an OpenAI-compatible HTTP server on one checkpoint and decoding method."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipo.engine import METHODS
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a checkpoint through the OpenAI HTTP API (chat and completions)")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint folder (PIPO for --method pipo)")
+    p.add_argument("--method", default="pipo", choices=METHODS)
+    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the folder name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--conf-threshold", type=float, default=0.5, help="pipo: keep token2 when confidence >= T")
+    p.add_argument("--eagle-k", type=int, default=3, help="eagle: tokens drafted per step")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences decoded together at most")
+    p.add_argument("--max-seq-len", type=int, default=8192, help="prompt + completion tokens per sequence")
+    p.add_argument("--reasoning-parser", choices=("none", "think"), default="none",
+                   help="think: text before </think> goes to reasoning_content")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pipo.engine.engine import Engine
+    from pipo.serve.app import create_app
+    from pipo.serve.runner import EngineRunner
+
+    engine = Engine(args.model, args.method, device=args.device, max_batch_size=args.batch_size,
+                    max_seq_len=args.max_seq_len, conf_threshold=args.conf_threshold, eagle_k=args.eagle_k)
+    runner = EngineRunner(engine, split_reasoning=args.reasoning_parser == "think")
+    app = create_app(runner, args.served_model_name or args.model.name)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
+                log_level="info")
+    return 0
