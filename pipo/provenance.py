@@ -69,12 +69,6 @@ def model_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def derive_seed(seed: int, *index: int) -> int:
-    """A child seed of (seed, index...), e.g. an input row's from the run's: a function of these only, so the
-    rows a resumed run generates are the rows the uninterrupted run would have generated."""
-    return stable_seed("pipo-request", seed, *index) & ((1 << 63) - 1)
-
-
 def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
     """(dotted key, old value, new value) of the first difference between two settings trees."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):

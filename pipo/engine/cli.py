@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from pipo.data.records import append_jsonl, drop_partial_last_line, iter_jsonl, numbered_jsonl
 from pipo.engine import METHODS
 from pipo.errors import InputError, PIPOError
-from pipo.provenance import derive_seed, exit_after_rows_for_test, model_fingerprint, sha256_file, start_or_resume
+from pipo.provenance import exit_after_rows_for_test, model_fingerprint, sha256_file, start_or_resume
 
 if TYPE_CHECKING:  # torch, the engine and the sampler load only when generating: `--help` stays instant
     import torch
@@ -263,6 +263,7 @@ def generate_file(args: argparse.Namespace) -> int:
 
     from pipo.engine.engine import open_engine
     from pipo.engine.parts import load_tokenizer
+    from pipo.model.sampling import derive_seed
 
     sampling = check_options(args)
     device = check_device(args.device)
