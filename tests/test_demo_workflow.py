@@ -33,7 +33,8 @@ def demo(workdir, *args: str, **kwargs):
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     workdir = workflow_copy(tmp_path_factory.mktemp("demo"))
-    result = demo(workdir, "all", timeout=1500)  # about 6 min on 2 idle cores (hybrid models pretrain on the PyTorch delta rule)
+    # about 6 min on 2 idle cores (the hybrid models pretrain on the PyTorch gated delta rule)
+    result = demo(workdir, "all", timeout=1500)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     shutil.copy(workdir / "results/mlflow.db", workdir / AFTER_DAG_DB)
     return workdir
