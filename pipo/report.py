@@ -3,8 +3,13 @@
 Input: metric rows, one per (model, method, benchmark), with `avg_at_k` and `pass_at_k`
 as fractions in [0, 1], `k`, and the speed fields of SPEED_FIELDS (None where a method
 has none); `load_metrics` also turns the scorer's metrics.json summaries into such rows.
-`write_report` writes main.{csv,md,tex}, speed.{csv,md} and PNG plots, each
-atomically so a crashed run never leaves half a table behind.
+`write_report` writes main.{csv,md,tex}, speed.{csv,md}, summary.{csv,md} and PNG plots,
+each atomically so a crashed run never leaves half a table behind.
+
+The speed table leads with what does not depend on the hardware (backbone forward passes
+per emitted token, and the speedup in forward passes over regular decoding); wall-clock
+speedups (TTFT, TPOT) follow, labelled with the device they were measured on (a row's
+`device`). The summary table puts accuracy next to the forward-pass figures, one row per method.
 """
 from __future__ import annotations
 
@@ -41,12 +46,16 @@ BENCHMARK_LABELS: dict[str, str] = {
     "synthetic_mcq": "Synth-MCQ",
 }
 SPEED_FIELDS: dict[str, str] = {
-    "ttft_speedup": "TTFT speedup",
-    "tpot_speedup": "TPOT speedup",
+    "forwards_per_token": "Forwards/token",
+    "forward_speedup": "Speedup (forwards)",
     "tokens_per_forward": "Tokens/forward",
     "accept_rate": "Accept rate",
     "pad_rate": "PAD rate",
+    "ttft_speedup": "TTFT speedup",
+    "tpot_speedup": "TPOT speedup",
 }
+WALL_CLOCK_FIELDS = ("ttft_speedup", "tpot_speedup")  # labelled with the device they were measured on
+SUMMARY_SPEED_FIELDS = ("tokens_per_forward", "accept_rate", "forward_speedup", "tpot_speedup")
 OVERALL = "Overall"
 DECIMALS = 2
 _REQUIRED = ("model", "method", "benchmark", "avg_at_k", "pass_at_k", "k")
@@ -83,6 +92,10 @@ def check_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         value = row.get(field)
         if value is not None and not isinstance(value, (int, float)):
             raise PIPOError(f"{where}: field {field!r} must be a number or null, got {value!r}")
+    if row.get("device") is not None and not isinstance(row["device"], str):
+        raise PIPOError(f"{where}: field 'device' must be a string or null, got {row['device']!r}")
+    if out.get("forwards_per_token") is None and out.get("tokens_per_forward"):
+        out["forwards_per_token"] = 1.0 / out["tokens_per_forward"]
     return out
 
 
@@ -115,14 +128,18 @@ def rows_from_summary(summary: Mapping[str, Any], where: str) -> list[dict[str, 
                 "k": k,
                 "avg_at_k": metrics.get(f"avg@{k}"),
                 "pass_at_k": metrics.get(f"pass@{k}"),
-                **{f: speed.get(f) for f in (*_TIMES, "tokens_per_forward", "accept_rate", "pad_rate")},
+                **{f: speed.get(f) for f in (*_TIMES, "tokens_per_forward", "accept_rate", "pad_rate", "device")},
             }
         )
     return rows
 
 
 def fill_speedups(rows: list[dict[str, Any]], baseline: str = BASELINE_METHOD) -> list[dict[str, Any]]:
-    """Set missing TTFT/TPOT speedups from raw times, against `baseline` on the same model and benchmark."""
+    """Set missing speedups against `baseline` on the same model and benchmark.
+
+    TTFT/TPOT from raw times; the forward-pass speedup from tokens per forward
+    (`baseline forwards per token / method forwards per token`).
+    """
     groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["benchmark"]), {})[row["method"]] = row
@@ -133,6 +150,10 @@ def fill_speedups(rows: list[dict[str, Any]], baseline: str = BASELINE_METHOD) -
             for field, value in values.items():
                 if group[method].get(field) is None:
                     group[method][field] = value
+        base = group[baseline].get("tokens_per_forward")
+        for row in group.values():
+            if row.get("forward_speedup") is None and base and row.get("tokens_per_forward"):
+                row["forward_speedup"] = row["tokens_per_forward"] / base
     return rows
 
 
@@ -251,6 +272,18 @@ def mark_best(table: pd.DataFrame) -> pd.DataFrame:
     return marks
 
 
+def measured_on(metrics_rows: Iterable[Mapping[str, Any]]) -> str | None:
+    """The device(s) the rows' wall-clock times were measured on, or None when no row says."""
+    devices = sorted({str(r["device"]) for r in metrics_rows if r.get("device")})
+    return "; ".join(devices) or None
+
+
+def speed_header(field: str, device: str | None) -> str:
+    """Column title of a speed field; a wall-clock one names its device."""
+    label = SPEED_FIELDS[field]
+    return f"{label} on {device}" if device and field in WALL_CLOCK_FIELDS else label
+
+
 def build_speed_table(
     metrics_rows: Iterable[Mapping[str, Any]], *, method_order: Sequence[str] = DEFAULT_METHOD_ORDER
 ) -> pd.DataFrame:
@@ -362,14 +395,25 @@ def main_latex(table: pd.DataFrame, marks: pd.DataFrame | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def speed_csv(table: pd.DataFrame) -> str:
-    """The speed table as CSV (field names as columns)."""
-    return _csv(table, list(table.columns))
+def build_summary_table(main: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, method): avg@k per benchmark and overall, then tokens per forward, acceptance and speedups."""
+    accuracy = main[[c for c in main.columns if c[1].startswith("avg")]]
+    accuracy.columns = [f"{_label(b, BENCHMARK_LABELS)} {m}" for b, m in accuracy.columns]
+    return accuracy.join(speed[list(SUMMARY_SPEED_FIELDS)])
 
 
-def speed_markdown(table: pd.DataFrame) -> str:
-    """The speed table in markdown, no marks (higher is not always better, e.g. PAD rate)."""
-    return _markdown(table, [SPEED_FIELDS[c] for c in table.columns])
+def _headers(columns: Iterable[str], device: str | None) -> list[str]:
+    return [speed_header(c, device) if c in SPEED_FIELDS else c for c in columns]
+
+
+def speed_csv(table: pd.DataFrame, device: str | None = None) -> str:
+    """The speed table (or summary table) as CSV: field names as columns, wall-clock ones `<field> on <device>`."""
+    return _csv(table, [f"{c} on {device}" if device and c in WALL_CLOCK_FIELDS else c for c in table.columns])
+
+
+def speed_markdown(table: pd.DataFrame, device: str | None = None) -> str:
+    """The speed table (or summary table) in markdown, no marks (higher is not always better, e.g. PAD rate)."""
+    return _markdown(table, _headers(table.columns, device))
 
 
 # --------------------------------------------------------------------------- plots
@@ -380,14 +424,14 @@ def _slug(text: str) -> str:
 
 
 def accuracy_speed_png(model: str, main: pd.DataFrame, speed: pd.DataFrame) -> bytes:
-    """PNG: overall avg@k against TTFT and TPOT speedup, one labelled point per method."""
+    """PNG: overall avg@k against the forward-pass and the TPOT speedup, one labelled point per method."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg only: no display, no global state
     from matplotlib.figure import Figure
 
     accuracy = main.xs(model, level="model").loc[:, OVERALL].iloc[:, 0]
     fig = Figure(figsize=(9, 4), dpi=100)
     FigureCanvasAgg(fig)
-    for position, field in enumerate(("ttft_speedup", "tpot_speedup")):
+    for position, field in enumerate(("forward_speedup", "tpot_speedup")):
         ax = fig.add_subplot(1, 2, position + 1)
         for method, acc in accuracy.items():
             x = speed.loc[(model, method), field]
@@ -419,17 +463,21 @@ def write_report(
     benchmark_order: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write every table and plot; return {file name: path}. Plots go to figures_dir (default out_dir)."""
-    rows = list(metrics_rows)
+    rows = fill_speedups([check_row(r, f"metrics row {i}") for i, r in enumerate(metrics_rows)])
     main = build_main_table(rows, method_order=method_order, benchmark_order=benchmark_order)
     speed = build_speed_table(rows, method_order=method_order)
+    summary = build_summary_table(main, speed)
+    device = measured_on(rows)
     marks = mark_best(main)
     out, figures = Path(out_dir), Path(figures_dir) if figures_dir is not None else Path(out_dir)
     texts = {
         "main.csv": main_csv(main),
         "main.md": main_markdown(main, marks),
         "main.tex": main_latex(main, marks),
-        "speed.csv": speed_csv(speed),
-        "speed.md": speed_markdown(speed),
+        "speed.csv": speed_csv(speed, device),
+        "speed.md": speed_markdown(speed, device),
+        "summary.csv": speed_csv(summary, device),
+        "summary.md": speed_markdown(summary, device),
     }
     written = {name: atomic_write_text(out / name, text) for name, text in texts.items()}
     for model in tqdm(main.index.unique(level="model"), desc="plots", unit="model"):

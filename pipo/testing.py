@@ -76,9 +76,13 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 384) -> PreTrainedToken
 
 def tiny_text_config(
     arch: str, vocab_size: int, pad_id: int, eos_id: int, hidden_size: int = 64, num_layers: int = 4,
-    tie_word_embeddings: bool = True,
+    tie_word_embeddings: bool = True, full_attention_interval: int = 2,
 ) -> PreTrainedConfig:
-    """A small config of each supported family (Qwen3.5: alternating linear / full attention)."""
+    """A small config of each supported family.
+
+    Qwen3.5: every `full_attention_interval`-th layer is full attention, the others gated
+    delta nets (the hub models use 4; tests use 2 so two layers hold both kinds).
+    """
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -100,7 +104,10 @@ def tiny_text_config(
             linear_num_value_heads=4,
             linear_key_head_dim=16,
             linear_value_head_dim=16,
-            layer_types=["linear_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+            layer_types=[
+                "full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention"
+                for i in range(num_layers)
+            ],
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 10000.0,
@@ -143,6 +150,7 @@ def make_tiny_backbone(
     tie_word_embeddings: bool = True,
     corpus: list[str] | None = None,
     seed: int = 0,
+    full_attention_interval: int = 2,
 ) -> Path:
     """Write a tiny random backbone checkpoint with a trained tokenizer to `path` and return it.
 
@@ -155,7 +163,8 @@ def make_tiny_backbone(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(corpus or default_corpus(seed=seed), vocab_size)
     config = tiny_text_config(
-        arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, hidden_size, num_layers, tie_word_embeddings
+        arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, hidden_size, num_layers,
+        tie_word_embeddings, full_attention_interval,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

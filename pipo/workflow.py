@@ -196,9 +196,10 @@ def generate_shard(
 
     Rows go to `<output>.partial` (resumed by `pipo generate` if a killed job reruns:
     Snakemake only deletes declared outputs; a partial made with other settings starts
-    over) and are renamed into place, with their settings sidecar, when complete.
-    Prompts marked for truncation (LongBench v2) are first fitted to the section's prompt
-    budget with the model's tokenizer (`pipo.eval.truncation`).
+    over); when complete, each completion's stats get the device it was decoded on
+    (`device_label`: wall-clock speeds mean nothing without it) and the rows are renamed into
+    place with their settings sidecar. Prompts marked for truncation (LongBench v2) are first
+    fitted to the section's prompt budget with the model's tokenizer (`pipo.eval.truncation`).
     """
     from pipo.data.build import shard as take_shard
     from pipo.data.records import read_jsonl, write_jsonl
@@ -211,9 +212,27 @@ def generate_shard(
     write_jsonl(shard_input, fit_to_model(take_shard(read_jsonl(records), shard, shards), model, section))
     run_cli(["generate", "--model", str(model), "--method", method, "--input", str(shard_input),
              "--output", str(partial), "--overwrite", *generate_args(section)])
+    device = device_label()
+    rows = read_jsonl(partial)
+    for row in rows:
+        for stat in row.get("stats") or []:
+            stat["device"] = device
+    write_jsonl(partial, rows)
     move_with_meta(partial, output)
     shard_input.unlink()
     return output
+
+
+def device_label() -> str:
+    """The device `pipo generate` decodes on in this process (its default): the GPU's name, else the CPU's."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
 
 
 def concat_files(sources: list[str], target: str | Path) -> Path:

@@ -94,7 +94,7 @@ METRICS = [
     for variant, method in EVAL_RUNS
     for benchmark in BENCHMARKS
 ]
-REPORT_FILES = [f"{R}/tables/{name}" for name in ("main.csv", "main.md", "main.tex", "speed.csv", "speed.md")]
+REPORT_FILES = [f"{R}/tables/{name}" for name in ("main.csv", "main.md", "main.tex", "speed.csv", "speed.md", "summary.csv", "summary.md")]
 
 
 wildcard_constraints:

@@ -67,7 +67,8 @@ def test_speed_metrics():
     assert speed["accept_rate"] == pytest.approx(10 / 15)
     assert speed["pad_rate"] == pytest.approx(4 / 36)
     regular = speed_metrics([_stat(0.2, 2.2, 11)])
-    assert regular["accept_rate"] is None and regular["pad_rate"] == 0.0
+    assert regular["accept_rate"] is None and regular["pad_rate"] == 0.0 and regular["device"] is None
+    assert speed_metrics([{**s, "device": "CPU"} for s in stats])["device"] == "CPU"  # wall-clock times name their device
 
 
 def test_speedups_over_regular():

@@ -78,39 +78,55 @@ tiny\_4B & Regular & \textbf{50.00} & 60.00 & 40.00 & \underline{70.00} & \under
 \end{tabular}
 """
 
+# Forwards/token = 1 / tokens per forward; speedup in forwards = tokens per forward / regular's
+# (eagle: (2.0 / 1.0 + 2.2 / 1.0) / 2 = 2.10); each averaged over the benchmarks.
 EXPECTED_SPEED_CSV = """\
-model,method,ttft_speedup,tpot_speedup,tokens_per_forward,accept_rate,pad_rate
-tiny-9B,regular,1.00,1.00,1.00,,
-tiny-9B,pipo-opd,2.64,2.07,1.97,0.90,0.03
-tiny_4B,regular,1.00,1.00,1.00,,
-tiny_4B,eagle,0.90,1.50,2.10,0.65,
-tiny_4B,mtp,1.00,1.90,2.00,,
-tiny_4B,pipo-sft,2.60,1.90,1.90,0.80,0.15
-tiny_4B,pipo-opd,2.60,2.05,1.95,0.87,0.07
+model,method,forwards_per_token,forward_speedup,tokens_per_forward,accept_rate,pad_rate,ttft_speedup on H100,tpot_speedup on H100
+tiny-9B,regular,1.00,1.00,1.00,,,1.00,1.00
+tiny-9B,pipo-opd,0.51,1.97,1.97,0.90,0.03,2.64,2.07
+tiny_4B,regular,1.00,1.00,1.00,,,1.00,1.00
+tiny_4B,eagle,0.48,2.10,2.10,0.65,,0.90,1.50
+tiny_4B,mtp,0.50,2.00,2.00,,,1.00,1.90
+tiny_4B,pipo-sft,0.53,1.90,1.90,0.80,0.15,2.60,1.90
+tiny_4B,pipo-opd,0.51,1.95,1.95,0.87,0.07,2.60,2.05
 """
 
 EXPECTED_SPEED_MD = """\
-| Model | Method | TTFT speedup | TPOT speedup | Tokens/forward | Accept rate | PAD rate |
-|---|---|---:|---:|---:|---:|---:|
-| tiny-9B | Regular | 1.00 | 1.00 | 1.00 | - | - |
-|  | PIPO-SFT+OPD | 2.64 | 2.07 | 1.97 | 0.90 | 0.03 |
-| tiny_4B | Regular | 1.00 | 1.00 | 1.00 | - | - |
-|  | Eagle-2 | 0.90 | 1.50 | 2.10 | 0.65 | - |
-|  | MTP | 1.00 | 1.90 | 2.00 | - | - |
-|  | PIPO-SFT | 2.60 | 1.90 | 1.90 | 0.80 | 0.15 |
-|  | PIPO-SFT+OPD | 2.60 | 2.05 | 1.95 | 0.87 | 0.07 |
+| Model | Method | Forwards/token | Speedup (forwards) | Tokens/forward | Accept rate | PAD rate | TTFT speedup on H100 | TPOT speedup on H100 |
+|---|---|---:|---:|---:|---:|---:|---:|---:|
+| tiny-9B | Regular | 1.00 | 1.00 | 1.00 | - | - | 1.00 | 1.00 |
+|  | PIPO-SFT+OPD | 0.51 | 1.97 | 1.97 | 0.90 | 0.03 | 2.64 | 2.07 |
+| tiny_4B | Regular | 1.00 | 1.00 | 1.00 | - | - | 1.00 | 1.00 |
+|  | Eagle-2 | 0.48 | 2.10 | 2.10 | 0.65 | - | 0.90 | 1.50 |
+|  | MTP | 0.50 | 2.00 | 2.00 | - | - | 1.00 | 1.90 |
+|  | PIPO-SFT | 0.53 | 1.90 | 1.90 | 0.80 | 0.15 | 2.60 | 1.90 |
+|  | PIPO-SFT+OPD | 0.51 | 1.95 | 1.95 | 0.87 | 0.07 | 2.60 | 2.05 |
+"""
+
+EXPECTED_SUMMARY_MD = """\
+| Model | Method | AIME25 avg@4 | GPQA-D avg@4 | Overall avg@4 | Tokens/forward | Accept rate | Speedup (forwards) | TPOT speedup on H100 |
+|---|---|---:|---:|---:|---:|---:|---:|---:|
+| tiny-9B | Regular | 60.00 | 50.00 | 55.00 | 1.00 | - | 1.00 | 1.00 |
+|  | PIPO-SFT+OPD | 55.00 | - | - | 1.97 | 0.90 | 1.97 | 2.07 |
+| tiny_4B | Regular | 50.00 | 40.00 | 45.00 | 1.00 | - | 1.00 | 1.00 |
+|  | Eagle-2 | 45.00 | 35.00 | 40.00 | 2.10 | 0.65 | 2.10 | 1.50 |
+|  | MTP | 30.00 | 30.00 | 30.00 | 2.00 | - | 2.00 | 1.90 |
+|  | PIPO-SFT | 45.00 | 42.00 | 43.50 | 1.90 | 0.80 | 1.90 | 1.90 |
+|  | PIPO-SFT+OPD | 50.00 | 41.00 | 45.50 | 1.95 | 0.87 | 1.95 | 2.05 |
 """
 
 
 def test_report_reproduces_known_tables(tmp_path: Path) -> None:
-    written = write_report(metric_rows(), tmp_path / "tables", figures_dir=tmp_path / "figures")
+    rows = [{**row, "device": "H100"} for row in metric_rows()]  # where the wall-clock times were measured
+    written = write_report(rows, tmp_path / "tables", figures_dir=tmp_path / "figures")
     assert written["main.csv"].read_text() == EXPECTED_CSV
     assert written["main.md"].read_text() == EXPECTED_MD
     assert written["main.tex"].read_text() == EXPECTED_TEX
     assert written["speed.csv"].read_text() == EXPECTED_SPEED_CSV
     assert written["speed.md"].read_text() == EXPECTED_SPEED_MD
+    assert written["summary.md"].read_text() == EXPECTED_SUMMARY_MD
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == [
-        "main.csv", "main.md", "main.tex", "speed.csv", "speed.md"
+        "main.csv", "main.md", "main.tex", "speed.csv", "speed.md", "summary.csv", "summary.md"
     ]  # no temp files left behind
 
 
@@ -192,4 +208,4 @@ def test_scorer_summaries_and_cli(tmp_path: Path) -> None:
         "| m | Regular | **75.00** | **100.00** | **75.00** | **100.00** |",
         "|  | PIPO-SFT+OPD | <u>50.00</u> | **100.00** | <u>50.00</u> | **100.00** |",
     ]
-    assert "| m | Regular | 1.00 | 1.00 | 1.10 | 0.75 | 0.15 |" in (tmp_path / "out" / "speed.md").read_text()
+    assert "| m | Regular | 0.91 | 1.00 | 1.10 | 0.75 | 0.15 | 1.00 | 1.00 |" in (tmp_path / "out" / "speed.md").read_text()

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from pipo.data.pairs import IGNORE_INDEX as X
 from pipo.errors import PadTokenError, PIPOError
+from pipo.train.layout import REJECTED_DRAFT as R
 from pipo.train.layout import collate_rows, pair_layout, rollout_row
 from pipo.train.losses import chunked_head_loss, divergence_row_loss, union_indices
 from pipo.train.opd import compact_pads, opd_losses, teacher_rows_for_targets
@@ -32,10 +33,10 @@ def test_pair_layout_rejects_supervised_pad():
         pair_layout([5, 6, P], [X, X, P], P)
 
 
-def test_rollout_row_keeps_pads_unsupervised():
+def test_rollout_row_marks_rejected_drafts():
     ids, labels = rollout_row([5, 6, 7], [8, P, 9], P)
     assert ids == [5, 6, 7, P, 8, P, 9, P]
-    assert labels == [X, X, X, X, 8, X, 9, X]
+    assert labels == [X, X, X, X, 8, R, 9, X]  # the student's PAD is a rejected draft; the final one only evens out
 
 
 def test_compaction_maps_teacher_outputs_back():
@@ -217,9 +218,44 @@ def test_opd_teacher_equal_to_student_costs_only_the_confidence_head(mode):
     assert float(hidden.grad.abs().max()) < 1e-6 and float(mtp.grad.abs().max()) < 1e-6
 
 
+def test_opd_rejected_draft_target_is_students_top_token_by_hand():
+    """Rollout (prompt 1 2 | 4 PAD | 6 7 | EOS=3 PAD): the rejected draft after token1 4 gets the MTP head's top token.
+
+    Identity LM heads make logits = hidden rows, so every term is computed here directly. With
+    the `sampled` divergence the MTP term at the rejected draft is log p_s(y) - log p_t(y) for
+    y = the student's top non-PAD token, and its confidence target is min(1, p_t(y) / p_s(y)).
+    """
+    v = 8
+    ids = torch.tensor([[1, 2, 4, P, 6, 7, 3, P]])
+    labels = torch.tensor([[X, X, 4, R, 6, 7, 3, X]])
+    eye = torch.eye(v)
+    hidden = torch.randn(1, 3, v, generator=torch.Generator().manual_seed(0))
+    s_rejected = torch.tensor([9.0, 0.0, 3.0, 1.0, 0.0, 0.5, 0.0, 0.0])  # PAD (0) is highest, then token 2
+    s_kept = torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 1.5])
+    mtp = torch.stack([s_rejected, s_kept, torch.zeros(v)])[None]
+    conf = torch.tensor([[0.3, -0.2, 0.0]])
+    compact = compact_pads(ids, torch.ones_like(ids), P)  # 1 2 4 6 7 3: position 3 is predicted from compact 2
+    teacher = torch.randn(1, 6, v, generator=torch.Generator().manual_seed(1))
+    args = (hidden, mtp, conf, eye, teacher, eye, labels, compact.source_index)
+    out = opd_losses(*args, divergence="sampled", pad_id=P)
+    ls, lt = s_rejected.log_softmax(-1)[2], teacher[0, 2].log_softmax(-1)[2]
+    ls_kept, lt_kept = s_kept.log_softmax(-1)[7], teacher[0, 3].log_softmax(-1)[7]  # token 7 predicted from compact 3 (6)
+    assert out.num_mtp_tokens == 2 and out.num_backbone_tokens == 3
+    torch.testing.assert_close(out.mtp_loss, ((ls - lt) + (ls_kept - lt_kept)) / 2)
+    alpha = torch.exp(torch.clamp(torch.stack([lt - ls, lt_kept - ls_kept]), max=0.0))
+    torch.testing.assert_close(out.conf_loss, F.binary_cross_entropy_with_logits(conf[0, :2], alpha))
+    off = opd_losses(*args, divergence="sampled", pad_id=P, fill_rejected=False)
+    assert off.num_mtp_tokens == 1
+    torch.testing.assert_close(off.mtp_loss, ls_kept - lt_kept)
+    torch.testing.assert_close(off.backbone_loss, out.backbone_loss)
+
+
 def test_settings_round_trip_through_model_kwargs():
-    settings = TrainSettings(divergence="full", topk=8, conf_threshold=0.5, max_pad_ratio=0.1)
+    settings = TrainSettings(divergence="full", topk=8, conf_threshold=0.5, max_pad_ratio=0.1, fill_rejected_drafts=False)
     assert TrainSettings.from_env(settings.to_model_kwargs()) == settings
+    assert TrainSettings().fill_rejected_drafts  # on by default, as in the original implementation
+    with pytest.raises(PIPOError, match="PIPO_FILL_REJECTED_DRAFTS"):
+        TrainSettings.from_env({"PIPO_FILL_REJECTED_DRAFTS": "maybe"})
     with pytest.raises(PIPOError, match="divergence"):
         TrainSettings(divergence="reverse")
 

@@ -76,6 +76,7 @@ def speed_metrics(stats: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "tokens_per_forward": _ratio(total["emitted_tokens"], total["forward_passes"]),
         "accept_rate": _ratio(total["accepted"], total["drafted"]),
         "pad_rate": _ratio(total["pad_tokens"], total["emitted_tokens"] + total["pad_tokens"]),
+        "device": ", ".join(sorted({str(s["device"]) for s in stats if s.get("device")})) or None,
     }
 
 

@@ -13,6 +13,10 @@ import torch
 from pipo.data.pairs import IGNORE_INDEX
 from pipo.errors import PadTokenError, ShapeError
 
+# Label of a rollout's rejected draft (a PAD the student emitted as token2): unsupervised for
+# the backbone; OPD may give the MTP head a target there (`opd_losses(fill_rejected=True)`).
+REJECTED_DRAFT = -101
+
 
 def pair_layout(input_ids: Sequence[int], labels: Sequence[int], pad_id: int) -> tuple[list[int], list[int]]:
     """Insert a PAD before each supervised segment that would start at an odd position; pad to even.
@@ -51,11 +55,12 @@ def even_prompt(prompt_ids: Sequence[int], pad_id: int) -> list[int]:
 def rollout_row(prompt_ids: Sequence[int], raw_ids: Sequence[int], pad_id: int) -> tuple[list[int], list[int]]:
     """A PIPO rollout as a training row: even prompt + every emitted slot (PADs included).
 
-    Rollout PADs stay in the input (the student saw them) but are never supervised.
+    Rollout PADs stay in the input (the student saw them) and are labelled `REJECTED_DRAFT`
+    (never a token target); the PAD that evens out a finished rollout is `IGNORE_INDEX`.
     """
     prompt = even_prompt(prompt_ids, pad_id)
     ids = prompt + list(raw_ids)
-    labels = [IGNORE_INDEX] * len(prompt) + [IGNORE_INDEX if t == pad_id else t for t in raw_ids]
+    labels = [IGNORE_INDEX] * len(prompt) + [REJECTED_DRAFT if t == pad_id else t for t in raw_ids]
     if len(ids) % 2:
         ids.append(pad_id)
         labels.append(IGNORE_INDEX)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipo.data.pairs import IGNORE_INDEX
 from pipo.model.losses import mean_or_zero
+from pipo.train.layout import REJECTED_DRAFT
 from pipo.train.losses import chunked_head_loss, confidence_bce, divergence_row_loss
 
 
@@ -48,6 +48,37 @@ def teacher_rows_for_targets(
     return teacher_hidden[batch[mask], compact_pos[mask]]
 
 
+@torch.no_grad()
+def top_tokens(rows: torch.Tensor, weight: torch.Tensor, chunk_size: int, banned: int | None = None) -> torch.Tensor:
+    """Argmax token of `rows [N, H] @ weight [V, H]^T` other than `banned`, chunk by chunk (no `[N, V]` tensor)."""
+    out = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+    for start in range(0, rows.shape[0], chunk_size):
+        logits = rows[start : start + chunk_size] @ weight.t()
+        if banned is not None:
+            logits[:, banned] = float("-inf")
+        out[start : start + chunk_size] = logits.argmax(-1)
+    return out
+
+
+def fill_rejected_drafts(
+    targets: torch.Tensor, mtp_rows: torch.Tensor, weight: torch.Tensor, chunk_size: int, pad_id: int | None = None
+) -> torch.Tensor:
+    """Token2 targets with every `REJECTED_DRAFT` replaced by the student MTP head's own top token.
+
+    As in the original implementation: where the confidence head rejected a draft, the MTP
+    head is still distilled (toward the teacher, at its own best guess) and the confidence
+    head learns from a draft it failed on; otherwise both only see drafts already kept.
+    `targets` [B, n] token2 labels, `mtp_rows` [B, n, H] the MTP hidden states predicting them;
+    the top token is never `pad_id` (decoding never drafts PAD).
+    """
+    rejected = targets == REJECTED_DRAFT
+    if not bool(rejected.any()):
+        return targets
+    filled = targets.clone()
+    filled[rejected] = top_tokens(mtp_rows[rejected].detach(), weight.detach(), chunk_size, pad_id)
+    return filled
+
+
 @dataclass
 class OPDOutput:
     """OPD loss, its components and confidence-head diagnostics."""
@@ -77,13 +108,17 @@ def opd_losses(
     mtp_weight: float = 1.0,
     conf_weight: float = 1.0,
     chunk_size: int = 1024,
+    fill_rejected: bool = True,
+    pad_id: int | None = None,
 ) -> OPDOutput:
     """Total `L_backbone + w_mtp L_mtp + w_conf L_conf` on a rollout batch.
 
     `hidden` / `mtp_hidden` / `conf_logits`: the student's `pair_states` for pairs 0..L-2
     ([B, L/2-1, ...]); `teacher_hidden` [B, Lc, Ht]: the teacher's final hidden states on the
-    compacted batch; `labels` [B, L]: rollout tokens, PADs and prompt ignored. Backbone rows
-    are token1 positions (2i+2), MTP rows token2 positions (2i+3); only supervised tokens count.
+    compacted batch; `labels` [B, L]: rollout tokens, prompt ignored, rejected drafts
+    `REJECTED_DRAFT`. Backbone rows are token1 positions (2i+2), MTP rows token2 positions
+    (2i+3); only supervised tokens count, plus (`fill_rejected`) the rejected drafts, whose
+    target is the student's top token (`fill_rejected_drafts`).
     """
     n_pairs = hidden.shape[1]
     device = labels.device
@@ -92,7 +127,9 @@ def opd_losses(
     for rows, positions in ((hidden, token1_pos), (mtp_hidden, token1_pos + 1)):
         positions = positions[None].expand(labels.shape[0], -1)
         targets = labels.gather(1, positions)
-        mask = targets != IGNORE_INDEX
+        if fill_rejected and rows is mtp_hidden:
+            targets = fill_rejected_drafts(targets, rows, student_weight, chunk_size, pad_id)
+        mask = targets >= 0  # IGNORE_INDEX and unfilled REJECTED_DRAFT are no targets
         teacher = teacher_rows_for_targets(teacher_hidden, source_index, positions, mask)
         row_loss = divergence_row_loss(divergence, teacher, teacher_weight, targets[mask], k, beta)
         div, alpha = chunked_head_loss(rows[mask], student_weight, row_loss, chunk_size)

@@ -21,6 +21,16 @@ DIVERGENCES = ("sampled", "topk", "full")
 ENV_PREFIX = "PIPO_"
 
 
+def parse_bool(raw: str, name: str) -> bool:
+    """`True`/`False` as `str(bool)` writes them (also 1/0, true/false); anything else is an error naming the setting."""
+    value = raw.strip().lower()
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    raise PIPOError(f"{ENV_PREFIX}{name.upper()} must be true or false, got {raw!r}")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Loss weights, PAD augmentation, OPD divergence and PIPO rollout settings."""
@@ -34,6 +44,7 @@ class TrainSettings:
     divergence: str = "topk"  # OPD: sampled | topk | full
     topk: int = 32
     conf_threshold: float = 0.95  # OPD rollouts: token2 kept when sigmoid(c) >= threshold
+    fill_rejected_drafts: bool = True  # OPD: MTP target at a rejected draft = the student's top token (as the original)
     top_p: float = 0.95
     top_k: int = 20
     presence_penalty: float = 1.5
@@ -63,7 +74,7 @@ class TrainSettings:
         for f in fields(cls):
             raw = env.get(f"{ENV_PREFIX}{f.name.upper()}")
             if raw is not None:
-                values[f.name] = type(f.default)(raw)
+                values[f.name] = parse_bool(raw, f.name) if isinstance(f.default, bool) else type(f.default)(raw)
         return cls(**values)
 
 

@@ -216,6 +216,8 @@ class PIPOOPDTrainer(GKDTrainer):
             mtp_weight=settings.mtp_weight,
             conf_weight=settings.conf_weight,
             chunk_size=settings.chunk_size,
+            fill_rejected=settings.fill_rejected_drafts,
+            pad_id=self.pad_id,
         )
         metrics = self.custom_metrics["train" if model.training else "eval"]
         for field, name in OPD_METRICS.items():
