@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipo.data.records import atomic_write_text, stable_seed
+from pipo.data.records import atomic_write_text
 from pipo.errors import InputError
 
 META_SUFFIX = ".meta.json"

@@ -209,7 +209,7 @@ def generate_shard(
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
     shard_input = output.with_name(output.name + ".input.jsonl")
-    write_jsonl(shard_input, fit_to_model(take_shard(read_jsonl(records), shard, shards), model, section))
+    write_jsonl(shard_input, fit_to_model(take_shard(read_jsonl(records), shard, shards), model, section, method))
     run_cli(["generate", "--model", str(model), "--method", method, "--input", str(shard_input),
              "--output", str(partial), "--overwrite", *generate_args(section)])
     device = device_label()

@@ -414,3 +414,15 @@ def test_generate_rule_fits_longbench_prompts_with_the_models_tokenizer(tmp_path
     workflow.generate_shard(tmp_path / "bench.jsonl", tmp_path / "model", "regular", tmp_path / "1.jsonl",
                             {**section, "prompt_budget": 250}, shard=1, shards=2)
     assert [r["metadata"]["prompt_tokens"]["budget"] for r in handed[1]] == [250]
+
+
+def test_prompt_budget_leaves_pipo_room_for_a_pad_per_new_token() -> None:
+    from pipo.errors import PIPOError
+    from pipo.eval.truncation import prompt_budget, section_budget
+
+    section = {"max_seq_len": 1000, "max_new_tokens": 300, "prompt_budget": None}
+    assert section_budget(section) == 700 and section_budget(section, "eagle") == 700
+    assert section_budget(section, "pipo") == 400  # rejected drafts leave a PAD in the cache
+    assert section_budget({**section, "prompt_budget": 250}, "pipo") == 250
+    with pytest.raises(PIPOError, match="x2 cache entries"):
+        prompt_budget(1000, 600, cache_per_token=2)

@@ -16,9 +16,8 @@ import pytest
 
 from tests.test_workflow_config import SNAKEMAKE, snakemake, workflow_copy
 
-# one xdist worker runs the whole module, so the DAG below is built once under `-n 2`
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake not installed"),
-              pytest.mark.xdist_group("demo_dag")]
+# `--dist loadfile` (pyproject.toml) runs the whole module on one xdist worker: the DAG is built once
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake not installed")]
 AFTER_DAG_DB = "mlflow_after_dag.db"  # the MLflow store as the first `all` left it (later reruns add runs)
 pytest.importorskip("swift")
 DEMO = ("--configfile", "presets/demo.yaml", "--cores", "2")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipo import PIPOForCausalLM
 from pipo.engine import Engine, load_regular, speculative_accept
 from pipo.errors import NotAPIPOCheckpointError, PIPOError, ShapeError
 from pipo.model.reference import generate_mtp_reference, generate_pipo_reference, generate_regular_reference

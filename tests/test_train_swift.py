@@ -19,8 +19,6 @@ from pipo.train.merge import load_adapter_model  # noqa: E402
 from pipo.train.stages import PLUGIN, newest_checkpoint, run_merge, run_opd, run_sft  # noqa: E402
 
 pytestmark = pytest.mark.slow
-# the tests that share the module's SFT run (and its merge) go to one xdist worker: built once under `-n 2`
-SFT_RUN_GROUP = pytest.mark.xdist_group("swift_sft_run")
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model_type": "pipo_tiny", "lora_rank": 8, "lora_alpha": 16, "warmup_ratio": 0.0, "max_length": 512,
         "gradient_accumulation_steps": 1, "logging_steps": 1}
@@ -87,7 +85,6 @@ def test_template_encodes_pair_layout_with_think_prefix_in_prompt(backbone_dir):
     assert ids[: len(prompt)] == prompt
 
 
-@SFT_RUN_GROUP
 def test_sft_lowers_loss_and_saves_lora_and_heads(sft_run):
     checkpoint, _ = sft_run
     logs = _losses(checkpoint)
@@ -103,7 +100,6 @@ def test_sft_lowers_loss_and_saves_lora_and_heads(sft_run):
         assert any(module in k for k in keys), module
 
 
-@SFT_RUN_GROUP
 def test_merge_gives_the_adapter_model_logits(sft_run, merged):
     ids = torch.tensor([[5, 9, 17, 30, 41, 2, 8, 13]])
     adapter = load_adapter_model(sft_run[0], torch.float32).eval()
@@ -118,7 +114,6 @@ def test_merge_gives_the_adapter_model_logits(sft_run, merged):
     assert (merged / "tokenizer_config.json").is_file()
 
 
-@SFT_RUN_GROUP
 def test_rerun_of_a_finished_stage_returns_its_checkpoint(sft_run):
     checkpoint, config = sft_run
     assert run_sft(config) == checkpoint
@@ -152,7 +147,6 @@ def rejected_drafts(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
     return count
 
 
-@SFT_RUN_GROUP
 @pytest.mark.parametrize("divergence,threshold", [("sampled", -1.0), ("topk", 0.5), ("full", 0.5)])
 def test_opd_first_step_loss_equals_the_loss_recomputed_from_its_batch(divergence, threshold, merged, backbone_dir,
                                                                       data, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from pipo.data.records import (
     require,
     stable_seed,
 )
+from pipo.errors import PIPOError
 
 DAPO_MATH = HubDataset("open-r1/DAPO-Math-17k-Processed", "all", "train", ("all/train-*.parquet",))
 CODEFORCES_PROMPTS = HubDataset(
@@ -66,13 +67,13 @@ def dapo_record(row: Mapping[str, Any], index: int, where: str) -> Record:
 
 def _check_fraction(sft_fraction: float) -> None:
     if not 0.0 < sft_fraction < 1.0:
-        raise ValueError(f"sft_fraction must be in (0, 1), got {sft_fraction}")
+        raise PIPOError(f"sft_fraction must be in (0, 1), got {sft_fraction}")
 
 
 def _check_split(name: str, split: str, sft_fraction: float) -> None:
     """One line naming the bad argument, before any data is read."""
     if split not in ("sft", "rl", "all"):
-        raise ValueError(f"{name} split must be 'sft', 'rl' or 'all', got {split!r}")
+        raise PIPOError(f"{name} split must be 'sft', 'rl' or 'all', got {split!r}")
     _check_fraction(sft_fraction)
 
 
@@ -163,7 +164,7 @@ def codeforces_record(
         return None
     mode = row.get("input_mode") or "stdio"
     if mode not in INPUT_MODES:
-        raise ValueError(f"{where}: field 'input_mode' must be one of {INPUT_MODES}, got {mode!r}")
+        raise PIPOError(f"{where}: field 'input_mode' must be one of {INPUT_MODES}, got {mode!r}")
     files = CODEFORCES_FILES if mode == "file" else (None, None)
     problem = str(require(row, "id", where))
     return make_record(
@@ -244,4 +245,4 @@ def load_prompt_source(
         return load_codeforces_prompts(source, "all", sft_fraction=sft_fraction, limit=limit)
     if name == "synthetic":
         return load_synthetic_prompts(limit, seed=seed, sft_fraction=sft_fraction, task=task)
-    raise ValueError(f"unknown prompt dataset {name!r}; known: dapo_math, codeforces, synthetic")
+    raise PIPOError(f"unknown prompt dataset {name!r}; known: dapo_math, codeforces, synthetic")

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # torch, the engine and the sampler load only when generating
     from pipo.model.sampling import SamplingParams
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype: a torch dtype name, or the checkpoint's own
-FORMAT = "pipo-generations/2"
+FORMAT = "pipo-generations/3"
 ROLES = ("system", "user", "assistant", "tool")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 MAX_N = 1024  # samples per prompt; more is a typo, not an experiment
@@ -143,7 +143,11 @@ def torch_dtype(name: str) -> torch.dtype | None:
 
 
 def check_sizes(model: Path, config: dict, args: argparse.Namespace, device: torch.device) -> None:
-    """Refuse `--max-seq-len` beyond the model's positions and caches that cannot fit, with the numbers."""
+    """Refuse `--max-seq-len` beyond the model's positions and KV memory that cannot fit, with the numbers.
+
+    KV memory is paged: on CUDA the pool takes what the budget leaves, so only weights plus one
+    sequence of `--max-seq-len` must fit; on CPU the default pool holds every slot at `--max-seq-len`.
+    `--num-blocks` fixes the pool's size either way (32-position blocks, the engine's default)."""
     limit = config.get("max_position_embeddings")
     if limit and args.max_seq_len > limit:
         raise PIPOError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position_embeddings {limit}")
@@ -153,16 +157,21 @@ def check_sizes(model: Path, config: dict, args: argparse.Namespace, device: tor
     layer_types = config.get("layer_types") or ["full_attention"] * config.get("num_hidden_layers", 0)
     attention_layers = sum(t == "full_attention" for t in layer_types) + 1  # + an MTP/draft layer
     dtype = torch_dtype(args.dtype) or (torch_dtype("bfloat16") if device.type == "cuda" else torch_dtype("float32"))
-    elem = dtype.itemsize
-    kv_bytes = 2 * args.batch_size * args.max_seq_len * attention_layers * kv_heads * head_dim * elem
+    if args.num_blocks:
+        tokens, what = args.num_blocks * 32, f"--num-blocks {args.num_blocks}"
+    elif device.type == "cuda":
+        tokens, what = args.max_seq_len, f"one sequence of --max-seq-len {args.max_seq_len}"
+    else:
+        tokens, what = args.batch_size * args.max_seq_len, f"--batch-size {args.batch_size} x --max-seq-len {args.max_seq_len}"
+    kv_bytes = 2 * tokens * attention_layers * kv_heads * head_dim * dtype.itemsize
     weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     free = available_bytes(device)
     if kv_bytes + weights > free:
         gib = 1 << 30
         raise PIPOError(
-            f"--batch-size {args.batch_size} x --max-seq-len {args.max_seq_len} needs {kv_bytes / gib:.1f} GiB of "
-            f"KV cache ({attention_layers} attention layers x {kv_heads} KV heads x {head_dim} dims, {dtype}) plus "
-            f"{weights / gib:.1f} GiB of weights; {device.type} has {free / gib:.1f} GiB free: lower them")
+            f"{what} needs {kv_bytes / gib:.1f} GiB of KV cache ({attention_layers} attention layers x {kv_heads} "
+            f"KV heads x {head_dim} dims, {dtype}) plus {weights / gib:.1f} GiB of weights; {device.type} has "
+            f"{free / gib:.1f} GiB free: lower them")
 
 
 def check_messages(messages: object, path: Path, lineno: int) -> None:

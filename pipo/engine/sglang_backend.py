@@ -11,8 +11,7 @@ from pathlib import Path
 from pipo.engine.parts import Prompt, encode_prompt, load_tokenizer
 from pipo.engine.sequence import Completion, RequestStats
 from pipo.errors import PIPOError
-from pipo.model.sampling import SamplingParams
-from pipo.model.sampling import derive_seed
+from pipo.model.sampling import SamplingParams, derive_seed
 
 
 class SGLangEngine:

@@ -31,6 +31,7 @@ from pipo.data.records import (
     shuffled_choices,
     require,
 )
+from pipo.errors import PIPOError
 from pipo.eval.truncation import TRUNCATION_KEY
 
 AIME25 = HubDataset("math-ai/aime25", None, "test", ("test.jsonl",))
@@ -151,7 +152,7 @@ def _as_date(value: Any, where: str) -> date:
     try:
         return datetime.fromisoformat(str(value)).date()
     except ValueError as exc:
-        raise ValueError(f"{where}: field 'contest_date' is not an ISO date: {value!r}") from exc
+        raise PIPOError(f"{where}: field 'contest_date' is not an ISO date: {value!r}") from exc
 
 
 def lcb_record(
@@ -169,16 +170,16 @@ def lcb_record(
     tests = decode_lcb_tests(row.get("public_test_cases") or "")
     tests += decode_lcb_tests(row.get("private_test_cases") or "")
     if not tests:
-        raise ValueError(f"{where}: no public or private test cases")
+        raise PIPOError(f"{where}: no public or private test cases")
     kinds = {t.get("testtype") for t in tests}
     if len(kinds) != 1 or not kinds <= {"stdin", "functional"}:
         found = sorted(map(str, kinds))
-        raise ValueError(f"{where}: expected one testtype among stdin/functional, got {found}")
+        raise PIPOError(f"{where}: expected one testtype among stdin/functional, got {found}")
     fmt = kinds.pop()
     meta = json.loads(row.get("metadata") or "{}")
     starter = row.get("starter_code") or ""
     if fmt == "functional" and not meta.get("func_name"):
-        raise ValueError(f"{where}: functional problem without metadata.func_name")
+        raise PIPOError(f"{where}: functional problem without metadata.func_name")
     qid = str(require(row, "question_id", where))
     return make_record(
         id=f"livecodebench/{qid}",

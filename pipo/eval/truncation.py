@@ -23,22 +23,27 @@ from pipo.errors import PIPOError
 TRUNCATION_KEY = "truncation"  # metadata field: "middle" marks a record whose prompt may be cut
 
 
-def prompt_budget(max_seq_len: int | None, max_new_tokens: int | None, budget: int | None = None) -> int:
-    """Prompt tokens allowed: `budget` when given, else `max_seq_len - max_new_tokens` (the one default)."""
+def prompt_budget(max_seq_len: int | None, max_new_tokens: int | None, budget: int | None = None,
+                  cache_per_token: int = 1) -> int:
+    """Prompt tokens allowed: `budget` when given, else `max_seq_len - cache_per_token * max_new_tokens` (the
+    one default). `cache_per_token` is 2 for PIPO, whose cache also holds a PAD for each rejected draft."""
     if budget is not None:
         if budget < 2:
             raise PIPOError(f"prompt_budget must be >= 2 tokens, got {budget}")
         return int(budget)
     if max_seq_len is None or max_new_tokens is None:
         raise PIPOError("fitting long prompts needs prompt_budget, or max_seq_len and max_new_tokens")
-    if max_seq_len - max_new_tokens < 2:
-        raise PIPOError(f"max_seq_len={max_seq_len} leaves no prompt room after max_new_tokens={max_new_tokens}")
-    return int(max_seq_len - max_new_tokens)
+    room = max_seq_len - cache_per_token * max_new_tokens
+    if room < 2:
+        raise PIPOError(f"max_seq_len={max_seq_len} leaves no prompt room after max_new_tokens={max_new_tokens}"
+                        + (f" (x{cache_per_token} cache entries per new token)" if cache_per_token > 1 else ""))
+    return int(room)
 
 
-def section_budget(section: Mapping[str, Any]) -> int:
-    """`prompt_budget` of a workflow config section (eval or rollout)."""
-    return prompt_budget(section.get("max_seq_len"), section.get("max_new_tokens"), section.get("prompt_budget"))
+def section_budget(section: Mapping[str, Any], method: str = "regular") -> int:
+    """`prompt_budget` of a workflow config section (eval or rollout) for a decoding method."""
+    return prompt_budget(section.get("max_seq_len"), section.get("max_new_tokens"), section.get("prompt_budget"),
+                         cache_per_token=2 if method == "pipo" else 1)
 
 
 def needs_fitting(records: Sequence[Mapping[str, Any]]) -> bool:
@@ -92,12 +97,13 @@ def fit_records(records: Sequence[Record], tokenizer: Any, budget: int) -> list[
     return fitted
 
 
-def fit_to_model(records: Sequence[Record], model: str | Path, limits: Mapping[str, Any]) -> list[Record]:
+def fit_to_model(records: Sequence[Record], model: str | Path, limits: Mapping[str, Any],
+                 method: str = "regular") -> list[Record]:
     """`fit_records` with the tokenizer of checkpoint `model` and the budget of `limits` (keys
-    prompt_budget / max_seq_len / max_new_tokens); both are looked at only when a record needs them."""
+    prompt_budget / max_seq_len / max_new_tokens) for `method`; both are looked at only when a record needs them."""
     if not needs_fitting(records):
         return list(records)
     from transformers import AutoTokenizer
 
-    budget = section_budget(limits)
+    budget = section_budget(limits, method)
     return fit_records(records, AutoTokenizer.from_pretrained(str(model)), budget)

@@ -22,19 +22,26 @@ def register(subparsers) -> None:
                    help="think: text before </think> goes to reasoning_content")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of GPU memory for weights + KV blocks + workspaces")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (overrides the budget)")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from pipo.engine.cli import torch_dtype
     from pipo.engine.engine import Engine
     from pipo.serve.app import create_app
     from pipo.serve.runner import EngineRunner
 
-    engine = Engine(args.model, args.method, device=args.device, max_batch_size=args.batch_size,
-                    max_seq_len=args.max_seq_len, conf_threshold=args.conf_threshold, eagle_k=args.eagle_k)
+    engine = Engine(args.model, args.method, device=args.device, dtype=torch_dtype(args.dtype),
+                    max_batch_size=args.batch_size, max_seq_len=args.max_seq_len, conf_threshold=args.conf_threshold,
+                    eagle_k=args.eagle_k, gpu_memory_utilization=args.gpu_memory_utilization,
+                    num_blocks=args.num_blocks)
     runner = EngineRunner(engine, split_reasoning=args.reasoning_parser == "think")
     app = create_app(runner, args.served_model_name or args.model.name)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
