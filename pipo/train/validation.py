@@ -5,12 +5,11 @@ token; both would silently corrupt PIPO training, so the stages check first.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipo.data.records import numbered_lines
+from pipo.data.records import numbered_jsonl
 from pipo.errors import PadTokenError, PIPOError
 
 
@@ -50,17 +49,8 @@ def validate_jsonl(path: str | Path, kind: str) -> int:
     if not path.is_file():
         raise PIPOError(f"{kind} dataset {path} does not exist")
     count = 0
-    for number, line in numbered_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path} row {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PIPOError(f"{where}: not valid JSON ({err.msg})") from err
-        if not isinstance(row, Mapping):
-            raise PIPOError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        check(row, where)
+    for number, row in numbered_jsonl(path):
+        check(row, f"{path} row {number}")
         count += 1
     if count == 0:
         raise PIPOError(f"{kind} dataset {path} has no rows")
