@@ -1,7 +1,7 @@
 """Screenshot of the MLflow UI comparing a workflow's evaluation runs, taken in headless Chromium.
 
 Starts `mlflow ui` on the store (loopback, a free port), finds the experiment's evaluation
-runs (tag `pipo.stage` = `eval`), opens MLflow's compare view of them in Debian's `chromium`
+runs (tag `pipo.stage` = `eval` from rule `score`, one per model, method and benchmark), opens MLflow's compare view of them in Debian's `chromium`
 driven by Playwright (`apt-get install chromium`, `pip install -e .[docs]`), waits until the runs
 are on the page (the UI keeps polling, so "page loaded" never comes) and saves a PNG.
 
@@ -48,7 +48,8 @@ def eval_runs(uri: str, experiment: str) -> tuple[str, dict[str, str]]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SystemExit(f"{uri} has no experiment {experiment!r}: run the workflow first")
-    runs = client.search_runs([found.experiment_id], "tags.`pipo.stage` = 'eval'", order_by=["start_time DESC"])
+    runs = client.search_runs([found.experiment_id], "tags.`pipo.stage` = 'eval' and tags.`snakemake.rule` = 'score'",
+                              order_by=["start_time DESC"])
     newest: dict[str, str] = {}
     for run in runs:
         newest.setdefault(run.info.run_name, run.info.run_id)

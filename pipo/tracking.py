@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,10 @@ ARTIFACT_MAX_BYTES = 20 * 1024 * 1024  # bigger outputs (checkpoints, caches) ar
 PARAM_MAX_CHARS = 6000  # MLflow's limit on a param value
 PROBE_TIMEOUT_S = 3.0
 ENV_KEYS = ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")
+EVAL_RULE = "score"  # its runs hold one (model, method, benchmark)'s evaluation: what MLflow's compare view lines up
+# metrics-row field -> MLflow metric; wall-clock ones get `_on_<device>` appended (the number means nothing without it)
+SPEEDUP_METRICS = {"forward_speedup": "speedup_forwards", "tpot_speedup": "speedup_tpot", "ttft_speedup": "speedup_ttft"}
+WALL_CLOCK_SPEEDUPS = ("tpot_speedup", "ttft_speedup")
 
 
 def tracking_uri(configured: str | None = None, results_dir: str | Path = "results") -> str:
@@ -272,3 +277,61 @@ def stage_run(
                 mlflow.end_run(status)
             except Exception as err:
                 run.disable(err)
+
+
+def eval_figures(summary: Mapping[str, Any]) -> dict[str, float]:
+    """An evaluation run's headline metrics from its metrics.json: `accuracy` (avg@k) and `tokens_per_forward`.
+
+    Flat names, so MLflow's compare view lines runs up on them without digging into `overall.avg_at_4`.
+    """
+    figures = {"accuracy": (summary.get("overall") or {}).get(f"avg@{summary.get('k')}"),
+               "tokens_per_forward": (summary.get("speed") or {}).get("tokens_per_forward")}
+    return {key: float(value) for key, value in figures.items() if isinstance(value, (int, float))}
+
+
+def speedup_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """A report metrics row's speed-ups over regular decoding as MLflow metrics, wall-clock ones named by device."""
+    device = re.sub(r"[^A-Za-z0-9._-]+", "_", str(row.get("device") or "")).strip("_")
+    out = {}
+    for field, name in SPEEDUP_METRICS.items():
+        value = row.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{name}_on_{device}" if device and field in WALL_CLOCK_SPEEDUPS else name] = float(value)
+    return out
+
+
+def log_speedups(run: StageRun, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Log each row's speed-ups onto its evaluation run; return how many runs got some.
+
+    Speed-ups need the regular run's figures, so only the report (which sees every
+    metrics.json) knows them; it writes them back onto the newest `score` run of the same
+    experiment tagged with the row's model, method and benchmark, where the compare view
+    shows them next to accuracy. Never fatal, like all tracking.
+    """
+    if not run.active:
+        return 0
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    try:
+        client = mlflow.MlflowClient(run.uri)
+        experiment_id = client.get_run(run.run_id).info.experiment_id
+        newest: dict[tuple[str, str, str], str] = {}
+        for found in client.search_runs([experiment_id], f"tags.`snakemake.rule` = '{EVAL_RULE}'",
+                                        order_by=["start_time DESC"], max_results=5000):
+            key = tuple(found.data.tags.get(f"pipo.{t}", "") for t in ("model", "method", "benchmark"))
+            newest.setdefault(key, found.info.run_id)
+        now, logged = int(time.time() * 1000), 0
+        for row in rows:
+            target = newest.get((str(row.get("model")), str(row.get("method")), str(row.get("benchmark"))))
+            metrics = [Metric(name, value, now, 0) for name, value in speedup_metrics(row).items()]
+            if target and metrics:
+                client.log_batch(target, metrics=metrics, synchronous=True)
+                logged += 1
+        return logged
+    except Exception as err:  # tracking is optional: never fail the report for it
+        warnings.warn(f"MLflow tracking at {run.uri}: speed-ups not logged onto the evaluation runs: {err}",
+                      stacklevel=2)
+        return 0

@@ -104,3 +104,39 @@ def test_unreachable_store_warns_once_and_the_stage_completes(uri, tmp_path):
     assert not run.active and out.is_file()
     assert "MLFLOW_RUN_ID" not in os.environ
     assert len([w for w in caught if "MLflow tracking" in str(w.message)]) == 1
+
+
+def test_eval_figures_flat_accuracy_and_tokens_per_forward():
+    summary = {"k": 2, "overall": {"avg@2": 0.25, "pass@2": 0.5}, "speed": {"tokens_per_forward": 1.8, "device": "cpu"}}
+    assert tracking.eval_figures(summary) == {"accuracy": 0.25, "tokens_per_forward": 1.8}
+    assert tracking.eval_figures({"k": 2, "overall": {}, "speed": {"tokens_per_forward": None}}) == {}
+
+
+def test_speedups_land_on_the_newest_score_run_of_their_model_method_benchmark(store):
+    """The report writes speed-ups over regular onto the evaluation runs, wall-clock ones named by device."""
+    from pipo.report import fill_speedups
+
+    def score(method: str, benchmark: str, rule: str = "score") -> str:
+        with tracking.stage_run(rule, {"method": method, "benchmark": benchmark}, "eval", {}, uri=store,
+                                experiment="exp-speed", model="tiny") as run:
+            pass
+        return run.run_id
+
+    stale, regular, pipo_math = score("pipo", "math"), score("regular", "math"), score("pipo", "math")
+    generate, other_benchmark = score("pipo", "math", rule="generate"), score("pipo", "mcq")
+    rows = fill_speedups([
+        {"model": "tiny", "method": "regular", "benchmark": "math", "tokens_per_forward": 1.0, "tpot_s": 0.02,
+         "ttft_s": 0.1, "device": "NVIDIA H200"},
+        {"model": "tiny", "method": "pipo", "benchmark": "math", "tokens_per_forward": 2.5, "tpot_s": 0.01,
+         "ttft_s": 0.1, "device": "NVIDIA H200"},
+        {"model": "tiny", "method": "pipo", "benchmark": "unscored", "tokens_per_forward": 2.0},
+    ])
+    with tracking.stage_run("report", {}, "report", {}, uri=store, experiment="exp-speed") as report:
+        assert tracking.log_speedups(report, rows) == 2
+    client = mlflow.MlflowClient(store)
+    assert client.get_run(pipo_math).data.metrics == {
+        "speedup_forwards": 2.5, "speedup_tpot_on_NVIDIA_H200": 2.0, "speedup_ttft_on_NVIDIA_H200": 1.0}
+    assert client.get_run(regular).data.metrics["speedup_forwards"] == 1.0
+    for untouched in (stale, generate, other_benchmark):
+        assert client.get_run(untouched).data.metrics == {}
+    assert tracking.log_speedups(tracking.StageRun(store, None), rows) == 0  # tracking off: nothing, no error
