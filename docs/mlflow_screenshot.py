@@ -58,6 +58,20 @@ def eval_runs(uri: str, experiment: str) -> tuple[str, dict[str, str]]:
     return found.experiment_id, newest
 
 
+# The compare view shows its metrics in a virtualized grid a few rows high: give each grid (and the two boxes
+# around it) the height of all its rows, so the shot holds accuracy, tokens per forward and the speed-ups, not
+# only the first metrics alphabetically. Returns the height of the scrolling main pane's content.
+UNCLIP_JS = """() => {
+  for (const grid of document.querySelectorAll('.ReactVirtualized__Grid')) {
+    grid.style.height = grid.scrollHeight + 'px';
+    grid.style.overflow = 'visible';
+    for (let box = grid.parentElement, i = 0; box && i < 2; box = box.parentElement, i++) box.style.height = 'auto';
+  }
+  const main = document.querySelector('main');
+  return main ? main.scrollHeight : document.body.scrollHeight;
+}"""
+
+
 def screenshot(browser: str, url: str, wait_for_text: str, out: Path, width: int, height: int) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -71,6 +85,12 @@ def screenshot(browser: str, url: str, wait_for_text: str, out: Path, width: int
         if close.count():
             close.first.click()
         page.wait_for_timeout(6000)  # the plots lay out again once the panel closes
+        artifacts = page.get_by_text("Artifacts", exact=True)  # empty previews, one per run: not worth the height
+        if artifacts.count():
+            artifacts.first.click()
+        page.wait_for_timeout(1000)
+        page.set_viewport_size({"width": width, "height": max(height, page.evaluate(UNCLIP_JS) + 32)})
+        page.wait_for_timeout(2000)
         page.screenshot(path=str(out), full_page=True)
         chromium.close()
 
@@ -80,7 +100,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("results/mlflow.db"))
     parser.add_argument("--experiment", default="pipo")
     parser.add_argument("--out", type=Path, default=Path("docs/mlflow_compare.png"))
-    parser.add_argument("--size", default="1600,2200", help="window width,height in pixels")
+    parser.add_argument("--size", default="3000,1200", help="window width,height in pixels (taller pages grow to fit)")
     args = parser.parse_args()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
