@@ -1,11 +1,12 @@
 """Screenshot of the MLflow UI comparing a workflow's evaluation runs, taken in headless Chromium.
 
 Starts `mlflow ui` on the store (loopback, a free port), finds the experiment's evaluation
-runs (tag `pipo.stage` = `eval` from rule `score`, one per model, method and benchmark), opens MLflow's compare view of them in Debian's `chromium`
-driven by Playwright (`apt-get install chromium`, `pip install -e .[docs]`), waits until the runs
-are on the page (the UI keeps polling, so "page loaded" never comes) and saves a PNG.
+runs (rule `score`, one per model, method and benchmark), opens MLflow's compare view of them
+in Debian's `chromium` driven by Playwright (`apt-get install chromium`, `pip install -e .[docs]`),
+waits until the runs are on the page (the UI keeps polling, so "page loaded" never comes) and
+saves a PNG.
 
-    python docs/mlflow_screenshot.py --store results/mlflow.db --out docs/mlflow_compare.png
+    python docs/mlflow_screenshot.py --store results/mlflow.db --experiment pipo-demo --out docs/mlflow_compare.png
 """
 from __future__ import annotations
 
@@ -44,12 +45,14 @@ def eval_runs(uri: str, experiment: str) -> tuple[str, dict[str, str]]:
     """The experiment id and its evaluation runs, name -> id (the newest per name, so reruns do not repeat)."""
     import mlflow
 
+    from pipo.tracking import EVAL_RULE
+
     client = mlflow.MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SystemExit(f"{uri} has no experiment {experiment!r}: run the workflow first")
-    runs = client.search_runs([found.experiment_id], "tags.`pipo.stage` = 'eval' and tags.`snakemake.rule` = 'score'",
-                              order_by=["start_time DESC"])
+    where = f"tags.`pipo.stage` = 'eval' and tags.`snakemake.rule` = '{EVAL_RULE}'"
+    runs = client.search_runs([found.experiment_id], where, order_by=["start_time DESC"])
     newest: dict[str, str] = {}
     for run in runs:
         newest.setdefault(run.info.run_name, run.info.run_id)

@@ -28,9 +28,10 @@ ARTIFACT_MAX_BYTES = 20 * 1024 * 1024  # bigger outputs (checkpoints, caches) ar
 PARAM_MAX_CHARS = 6000  # MLflow's limit on a param value
 PROBE_TIMEOUT_S = 3.0
 ENV_KEYS = ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")
-EVAL_RULE = "score"  # its runs hold one (model, method, benchmark)'s evaluation: what MLflow's compare view lines up
-# metrics-row field -> MLflow metric; wall-clock ones get `_on_<device>` appended (the number means nothing without it)
-SPEEDUP_METRICS = {"forward_speedup": "speedup_forwards", "tpot_speedup": "speedup_tpot", "ttft_speedup": "speedup_ttft"}
+EVAL_RULE = "score"  # its runs hold one (model, method, benchmark)'s evaluation, lined up in the compare view
+# metrics-row field -> MLflow metric; wall-clock ones get `_on_<device>` appended (meaningless without it)
+SPEEDUP_METRICS = {"forward_speedup": "speedup_forwards", "tpot_speedup": "speedup_tpot",
+                   "ttft_speedup": "speedup_ttft"}
 WALL_CLOCK_SPEEDUPS = ("tpot_speedup", "ttft_speedup")
 
 
