@@ -43,6 +43,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "--served-model-name", "bench"]
     if args.device:
         cmd += ["--device", args.device]
+    if args.conf_threshold is not None:
+        cmd += ["--conf-threshold", str(args.conf_threshold)]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.start_timeout
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--conf-threshold", type=float, default=None, help="pipo: passed to `pipo serve`")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
@@ -125,7 +128,8 @@ def main() -> None:
               f"{r['output_tokens_per_s']} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"method": args.method, "max_tokens": args.max_tokens, "rows": rows}, f, indent=1)
+            json.dump({"method": args.method, "conf_threshold": args.conf_threshold, "max_tokens": args.max_tokens,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
