@@ -78,7 +78,8 @@ def one_request(client: OpenAI, model: str, prompt: str, max_tokens: int) -> tup
 
 def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-    one_request(client, model, PROMPTS[0], 4)  # warm-up
+    with ThreadPoolExecutor(clients) as pool:  # warm-up: one round at this level's concurrency
+        list(pool.map(lambda i: one_request(client, model, PROMPTS[i % len(PROMPTS)], 8), range(clients)))
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: one_request(client, model, PROMPTS[i % len(PROMPTS)], max_tokens),
