@@ -29,3 +29,11 @@ class InputError(PIPOError):
         self.file, self.row, self.field, self.problem = file, row, field, problem
         where = ":".join(str(part) for part in (file, row) if part is not None)
         super().__init__(": ".join(part for part in (where, field, problem) if part))
+
+
+class RecordError(InputError):
+    """A malformed row of a JSONL file; the message reads `file:line: problem`."""
+
+    def __init__(self, path: object, line: int, problem: str) -> None:
+        super().__init__(problem, file=path, row=line)
+        self.path, self.line = str(path), line

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipo.data.records import atomic_write_text
 from pipo.errors import InputError
+from pipo.jsonl import atomic_write_text
 
 META_SUFFIX = ".meta.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

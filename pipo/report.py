@@ -25,9 +25,9 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipo.data.records import atomic_write_bytes, atomic_write_text
 from pipo.errors import PIPOError
 from pipo.eval.metrics import BASELINE_METHOD, speedups
+from pipo.jsonl import atomic_write_bytes, atomic_write_text
 
 DEFAULT_METHOD_ORDER: tuple[str, ...] = ("regular", "eagle", "mtp", "pipo-sft", "pipo-opd")
 METHOD_LABELS: dict[str, str] = {

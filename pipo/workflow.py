@@ -202,7 +202,7 @@ def generate_shard(
     fitted to the section's prompt budget with the model's tokenizer (`pipo.eval.truncation`).
     """
     from pipo.data.build import shard as take_shard
-    from pipo.data.records import read_jsonl, write_jsonl
+    from pipo.jsonl import read_jsonl, write_jsonl
     from pipo.eval.truncation import fit_to_model
     from pipo.provenance import move_with_meta
 
@@ -237,6 +237,6 @@ def device_label() -> str:
 
 def concat_files(sources: list[str], target: str | Path) -> Path:
     """Concatenate text files (JSONL shards) into `target`, atomically."""
-    from pipo.data.records import atomic_write_text
+    from pipo.jsonl import atomic_write_text
 
     return atomic_write_text(target, "".join(Path(s).read_text(encoding="utf-8") for s in sources))

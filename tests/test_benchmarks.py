@@ -12,16 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipo.data.records import (
-    LETTERS,
-    MATH_INSTRUCTION,
-    read_jsonl,
-    read_records,
-    validate_record,
-    write_jsonl,
-)
+from pipo.data.records import LETTERS, MATH_INSTRUCTION, read_records, validate_record
 from pipo.data.sources import dapo_question, load_codeforces_prompts, load_dapo_math, load_prompt_source
 from pipo.eval.benchmarks import BENCHMARKS, decode_lcb_tests, load_benchmark
+from pipo.jsonl import read_jsonl, write_jsonl
 from tests import fixtures_hub as hub
 
 

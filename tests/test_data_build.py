@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from pipo.data import build
-from pipo.data.records import write_jsonl
 from pipo.data.sources import load_prompt_source
 from pipo.errors import PIPOError
+from pipo.jsonl import write_jsonl
 from pipo.train.validation import validate_jsonl
 
 LOOP = "so " * 200

@@ -1,5 +1,5 @@
 """Rules prompts / benchmark: a prompt source or a benchmark as normalised records (JSONL)."""
-from pipo.data.records import write_jsonl
+from pipo.jsonl import write_jsonl
 from pipo.data.sources import load_prompt_source
 from pipo.eval.benchmarks import load_benchmark
 from pipo.workflow import rule_script

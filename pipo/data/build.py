@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pipo.data.records import Record, numbered_jsonl, write_jsonl
+from pipo.data.records import Record
 from pipo.errors import InputError, PIPOError
+from pipo.jsonl import numbered_jsonl, write_jsonl
 
 FINISHED = ("eos", "stop")  # engine finish reasons of a completion that ended by itself
 RL_SPLIT = "rl"

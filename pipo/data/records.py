@@ -6,7 +6,7 @@ One record per problem (contract)::
      "tests": {...} | None, "metadata": {"grader": "math" | "mcq" | "code", ...}}
 
 `prompt` is the user message; the engine applies the chat template later. This
-module also holds what every loader needs: atomic JSONL I/O, stable per-item seeds,
+module also holds what every loader needs: stable per-item seeds,
 the spec's prompt templates, and reading a dataset either from the Hugging Face Hub
 or from a local copy saved in the hub's file layout.
 """
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
 import random
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from pipo.errors import PIPOError
+from pipo.jsonl import read_jsonl
 
 Record = dict[str, Any]
 
@@ -207,99 +205,7 @@ def shuffled_choices(correct: str, incorrect: list[str], seed: int, qid: str) ->
     return shuffled, LETTERS[order.index(0)]
 
 
-# ---------------------------------------------------------------------- atomic I/O
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write via a temp file in the same folder and os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make results unreadable to collaborators
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Text flavour of atomic_write_bytes (UTF-8)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Atomically write one JSON document (sorted keys, indented): readers see the old or the new file."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def append_jsonl(handle: IO[str], row: Mapping[str, Any]) -> None:
-    """Append one row, flushed and synced, so a crash loses at most the row in flight."""
-    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def drop_partial_last_line(path: str | Path) -> int:
-    """Cut a last line left without its newline by a killed writer; returns the bytes dropped."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep < len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(keep)
-    return len(data) - keep
-
-
-def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Atomically write one JSON object per line."""
-    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
-    return atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Yield `(line number, text)` of a UTF-8 text file; bytes that are not UTF-8 raise naming the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise PIPOError(f"{path}: no such file")
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise PIPOError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
-                                f"{exc.start + 1})") from None
-
-
-def numbered_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(line number, object)` of a JSONL file; a bad line raises naming file and line."""
-    for lineno, line in numbered_lines(path):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PIPOError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise PIPOError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        yield lineno, row
-
-
-def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield the objects of a JSONL file (see `numbered_jsonl` for errors)."""
-    return (row for _, row in numbered_jsonl(path))
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All objects of a JSONL file (see iter_jsonl for errors)."""
-    return list(iter_jsonl(path))
+# ------------------------------------------------------------------------ reading
 
 
 def read_records(path: str | Path) -> list[Record]:

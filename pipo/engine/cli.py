@@ -22,9 +22,9 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from pipo.data.records import append_jsonl, drop_partial_last_line, iter_jsonl, numbered_jsonl
 from pipo.engine import METHODS
 from pipo.errors import InputError, PIPOError
+from pipo.jsonl import append_jsonl, drop_partial_last_line, iter_jsonl, numbered_jsonl
 from pipo.provenance import exit_after_rows_for_test, model_fingerprint, sha256_file, start_or_resume
 
 if TYPE_CHECKING:  # torch, the engine and the sampler load only when generating: `--help` stays instant

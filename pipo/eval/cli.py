@@ -41,7 +41,7 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from pipo.data.records import write_jsonl
+    from pipo.jsonl import write_jsonl
     from pipo.errors import PIPOError
     from pipo.eval.benchmarks import load_benchmark
     from pipo.eval.truncation import fit_to_model, needs_fitting

@@ -14,7 +14,6 @@ grading settings is an error naming the row, unless `overwrite` (then scoring st
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import multiprocessing
@@ -28,11 +27,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipo.data.records import append_jsonl, check_tests, drop_partial_last_line, numbered_lines, write_json
-from pipo.errors import InputError, PIPOError
+from pipo.data.records import check_tests
+from pipo.errors import InputError, PIPOError, RecordError
 from pipo.eval.graders import DEFAULT_MATH_TIMEOUT_S, grade, grader_for
 from pipo.eval.metrics import summarize
 from pipo.eval.sandbox import SandboxConfig, SandboxUnavailable, die_with_parent, sandbox_mode
+from pipo.jsonl import append_jsonl, drop_partial_last_line, numbered_jsonl, numbered_lines, parse_row, write_json
 from pipo.provenance import exit_after_rows_for_test, sha256_json, start_or_resume
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,6 @@ log = logging.getLogger(__name__)
 FORMAT = "pipo-scores/2"
 _REQUIRED_STATS = ("ttft_s", "latency_s", "emitted_tokens")
 _OPTIONAL_STATS = ("prompt_tokens", "pad_tokens", "forward_passes", "drafted", "accepted")
-
-
-class RecordError(PIPOError):
-    """A malformed line in a JSONL file; the message names the file and line."""
-
-    def __init__(self, path: str | os.PathLike, line: int, problem: str) -> None:
-        super().__init__(f"{path}:{line}: {problem}")
-        self.path, self.line, self.problem = str(path), line, problem
 
 
 def score_generations(
@@ -119,11 +111,8 @@ def read_scores(path: str | os.PathLike, repair: bool = False) -> list[dict[str,
             continue
         if not line.endswith("\n"):
             raise RecordError(path, number, "truncated scores row (run was killed?)")
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecordError(path, number, f"invalid JSON in scores row: {e}") from None
-        if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("correct"), list):
+        row = parse_row(path, number, line)
+        if "id" not in row or not isinstance(row.get("correct"), list):
             raise RecordError(path, number, "scores row without 'id' and 'correct' list")
         rows.append(row)
     return rows
@@ -151,12 +140,11 @@ def _scored_hashes(path: Path) -> dict[tuple[str, str], tuple[int, str | None]]:
 
 def _same_completions(path: Path, scored: Mapping[tuple[str, str], tuple[int, str | None]]) -> bool:
     """Whether every problem already scored still has the completions its verdicts were made for."""
-    for number, line in numbered_lines(path):
-        if line.strip():
-            job = _job_from_line(path, number, line)
-            entry = scored.get(_key(job))
-            if entry is not None and entry[1] != job["completions_sha256"]:
-                return False
+    for number, record in numbered_jsonl(path):
+        job = _job_from_record(path, number, record)
+        entry = scored.get(_key(job))
+        if entry is not None and entry[1] != job["completions_sha256"]:
+            return False
     return True
 
 
@@ -165,10 +153,8 @@ def _pending_jobs(path: Path, scores_path: Path,
     """Validated grading jobs for records not scored yet; a repeated problem, or one scored for other
     completions, is an error naming both places."""
     first: dict[tuple[str, str], int] = {}
-    for number, line in numbered_lines(path):
-        if not line.strip():
-            continue
-        job = _job_from_line(path, number, line)
+    for number, record in numbered_jsonl(path):
+        job = _job_from_record(path, number, record)
         key = _key(job)
         if key in first:
             raise RecordError(path, number, f"id: duplicate problem {key[1]!r} of {key[0]!r} "
@@ -184,17 +170,11 @@ def _pending_jobs(path: Path, scores_path: Path,
         yield job
 
 
-def _job_from_line(path: Path, number: int, line: str) -> dict[str, Any]:
-    """Parse and check one generation record; keep only what grading and metrics need."""
+def _job_from_record(path: Path, number: int, record: dict[str, Any]) -> dict[str, Any]:
+    """Check one generation record (line `number` of `path`); keep only what grading and metrics need."""
     def fail(problem: str) -> RecordError:
         return RecordError(path, number, problem)
 
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise fail(f"invalid JSON: {e}") from None
-    if not isinstance(record, dict):
-        raise fail(f"expected a JSON object, got {type(record).__name__}")
     for name in ("id", "benchmark"):
         if not isinstance(record.get(name), str):
             raise fail(f"{name!r} must be a string, got {record.get(name)!r}")

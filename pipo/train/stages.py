@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from pipo.data.records import atomic_write_text
 from pipo.errors import PIPOError
+from pipo.jsonl import atomic_write_text
 from pipo.train.merge import merge_adapter
 from pipo.train.settings import TrainSettings, check_field_types
 from pipo.train.tracking_callback import tracking_env

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipo.data.records import numbered_jsonl
 from pipo.errors import PadTokenError, PIPOError
+from pipo.jsonl import numbered_jsonl
 
 
 def _messages(row: Mapping[str, Any], where: str) -> list[Mapping[str, Any]]:
