@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
 
 from pipo.model.linear_attention import current_gated_delta_backend
 from pipo.model.modeling import PIPOForCausalLM
-from pipo.testing import default_corpus, train_tokenizer
+from pipo.model.tiny import default_corpus, train_tokenizer
 
 WORDS = "the answer is step compute so we get final result please reason by and put your within boxed".split()
 

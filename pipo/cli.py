@@ -18,8 +18,8 @@ import yaml
 from pipo.errors import PIPOError
 
 # Modules that contribute sub-commands, in help order.
-_COMMAND_MODULES: tuple[str, ...] = ("pipo.eval.cli", "pipo.engine.cli", "pipo.train.cli", "pipo.data.cli",
-                                   "pipo.serve.cli")
+_COMMAND_MODULES: tuple[str, ...] = ("pipo.eval.cli", "pipo.report", "pipo.engine.cli", "pipo.train.cli",
+                                   "pipo.data.cli", "pipo.serve.cli")
 # What a user can fix: our own errors, files that are missing or unreadable, malformed YAML/text.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (PIPOError, OSError, yaml.YAMLError, UnicodeError,
                                                    json.JSONDecodeError)

@@ -13,6 +13,7 @@ speedups (TTFT, TPOT) follow, labelled with the device they were measured on (a 
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import io
 import json
@@ -20,14 +21,16 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from tqdm.auto import tqdm
 
 from pipo.errors import PIPOError
 from pipo.eval.metrics import BASELINE_METHOD, speedups
 from pipo.jsonl import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_METHOD_ORDER: tuple[str, ...] = ("regular", "eagle", "mtp", "pipo-sft", "pipo-opd")
 METHOD_LABELS: dict[str, str] = {
@@ -222,6 +225,8 @@ def build_main_table(
     Values are percentages rounded to DECIMALS; Overall is the mean over benchmarks
     (missing when a method lacks a benchmark).
     """
+    import pandas as pd  # pandas only when a table is built: `pipo --help` stays light
+
     rows = [check_row(r, f"metrics row {i}") for i, r in enumerate(metrics_rows)]
     if not rows:
         raise PIPOError("no metric rows to report")
@@ -262,6 +267,8 @@ def mark_best(table: pd.DataFrame) -> pd.DataFrame:
 
     Ties share the mark; the second mark goes to the best value below the top.
     """
+    import pandas as pd
+
     marks = pd.DataFrame("", index=table.index, columns=table.columns)
     for model in table.index.unique(level="model"):
         group = table.xs(model, level="model", drop_level=False)
@@ -288,6 +295,8 @@ def build_speed_table(
     metrics_rows: Iterable[Mapping[str, Any]], *, method_order: Sequence[str] = DEFAULT_METHOD_ORDER
 ) -> pd.DataFrame:
     """Speed per (model, method): each speed field averaged over the benchmarks that report it."""
+    import pandas as pd
+
     rows = [check_row(r, f"metrics row {i}") for i, r in enumerate(metrics_rows)]
     frame = pd.DataFrame(
         [{"model": r["model"], "method": r["method"], **{f: r.get(f) for f in SPEED_FIELDS}} for r in rows]
@@ -304,7 +313,12 @@ def build_speed_table(
 
 
 def _fmt(value: float, missing: str = "-") -> str:
-    return missing if pd.isna(value) else f"{value:.{DECIMALS}f}"
+    return missing if _missing(value) else f"{value:.{DECIMALS}f}"
+
+
+def _missing(value: float | None) -> bool:
+    """A table cell without a number (None or NaN), as pandas leaves it."""
+    return value is None or math.isnan(value)
 
 
 def _label(name: str, labels: Mapping[str, str]) -> str:
@@ -326,7 +340,7 @@ def _csv(table: pd.DataFrame, columns: Sequence[str]) -> str:
 def _cells(values: pd.Series, marks: pd.Series | None, wrap: Mapping[str, str]) -> list[str]:
     """Formatted numbers, each wrapped by its mark ("best"/"second"/""); missing: "-"."""
     kinds = marks if marks is not None else [""] * len(values)
-    return ["-" if pd.isna(v) else wrap[kind].format(_fmt(v)) for v, kind in zip(values, kinds)]
+    return ["-" if _missing(v) else wrap[kind].format(_fmt(v)) for v, kind in zip(values, kinds)]
 
 
 def _markdown(table: pd.DataFrame, header: Sequence[str], marks: pd.DataFrame | None = None) -> str:
@@ -435,7 +449,7 @@ def accuracy_speed_png(model: str, main: pd.DataFrame, speed: pd.DataFrame) -> b
         ax = fig.add_subplot(1, 2, position + 1)
         for method, acc in accuracy.items():
             x = speed.loc[(model, method), field]
-            if pd.isna(x) or pd.isna(acc):
+            if _missing(x) or _missing(acc):
                 continue
             ax.scatter([x], [acc], s=40)
             label = _label(method, METHOD_LABELS)
@@ -484,3 +498,28 @@ def write_report(
         name = f"accuracy_vs_speed_{_slug(model)}.png"
         written[name] = atomic_write_bytes(figures / name, accuracy_speed_png(model, main, speed))
     return written
+
+
+# --------------------------------------------------------------------------- `pipo report`
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `pipo report` to the `pipo` parser."""
+    parser = subparsers.add_parser(
+        "report", help="build the results tables (csv/md/tex) and plots from metrics files",
+        description="Gather metrics (files, folders holding metrics.json, or glob patterns) and "
+                    "write main.{csv,md,tex}, speed.{csv,md} and accuracy-vs-speed plots.",
+    )
+    parser.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files, folders or globs")
+    parser.add_argument("--out-dir", required=True, help="folder for the tables")
+    parser.add_argument("--figures-dir", default=None, help="folder for the plots (default: --out-dir)")
+    parser.add_argument("--method-order", nargs="+", default=None,
+                        help="row order of methods within a model (default: regular eagle mtp pipo-sft pipo-opd)")
+    parser.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    written = write_report(load_metrics(args.metrics), args.out_dir, figures_dir=args.figures_dir,
+                           method_order=args.method_order or DEFAULT_METHOD_ORDER)
+    print("\n".join(str(path) for path in written.values()))
+    return 0

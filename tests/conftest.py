@@ -8,7 +8,7 @@ import torch
 
 import pipo  # noqa: F401  (registers the Auto classes)
 from pipo import PIPOForCausalLM
-from pipo.testing import make_tiny_backbone
+from pipo.model.tiny import make_tiny_backbone
 
 FAMILIES = ("qwen3_5", "llama")
 

@@ -145,7 +145,7 @@ def test_longbench_middle_truncation_keeps_head_and_tail_within_budget(tmp_path:
     question/choices at the end survive, and the token counts are recorded."""
     from pipo.engine.parts import encode_prompt
     from pipo.eval.truncation import fit_to_model, middle_truncate
-    from pipo.testing import default_corpus, train_tokenizer
+    from pipo.model.tiny import default_corpus, train_tokenizer
 
     tokenizer = train_tokenizer(default_corpus(200))
     tokenizer.save_pretrained(tmp_path / "tok")
@@ -179,7 +179,7 @@ def test_longbench_middle_truncation_keeps_head_and_tail_within_budget(tmp_path:
 
 def test_pipo_benchmark_cli_fits_longbench_prompts(tmp_path: Path, cache: Path) -> None:
     from pipo.cli import main
-    from pipo.testing import default_corpus, train_tokenizer
+    from pipo.model.tiny import default_corpus, train_tokenizer
 
     train_tokenizer(default_corpus(200)).save_pretrained(tmp_path / "tok")
     hub.write_longbench_v2(tmp_path / "lb", [hub.longbench_row(0, context=_words(3000))])
@@ -387,7 +387,7 @@ def test_generate_rule_fits_longbench_prompts_with_the_models_tokenizer(tmp_path
     import shutil
 
     from pipo import workflow
-    from pipo.testing import default_corpus, train_tokenizer
+    from pipo.model.tiny import default_corpus, train_tokenizer
 
     train_tokenizer(default_corpus(200)).save_pretrained(tmp_path / "model")
     hub.write_longbench_v2(tmp_path / "lb", [hub.longbench_row(i, context=_words(2000)) for i in (0, 2)])

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from pipo import PIPOForCausalLM
 from pipo.errors import NotAPIPOCheckpointError, PadTokenError, ShapeError, UnsupportedArchitectureError
-from pipo.testing import make_tiny_backbone
+from pipo.model.tiny import make_tiny_backbone
 
 
 def outputs(model, ids):

@@ -15,7 +15,7 @@ pytest.importorskip("swift")
 from pipo.cli import main  # noqa: E402
 from pipo.data import synthetic  # noqa: E402
 from pipo.jsonl import write_jsonl  # noqa: E402
-from pipo.testing import make_tiny_backbone  # noqa: E402
+from pipo.model.tiny import make_tiny_backbone  # noqa: E402
 from pipo.train.stages import run_merge, run_sft  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipo.data.pairs import (
+from pipo.errors import PadTokenError, ShapeError
+from pipo.model.pairs import (
     IGNORE_INDEX,
     build_pair_sample,
     check_pad_positions,
@@ -13,7 +14,6 @@ from pipo.data.pairs import (
     pad_augment_row,
     pad_to_even,
 )
-from pipo.errors import PadTokenError, ShapeError
 
 PAD = 0
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from pipo.errors import PIPOError
 from pipo.model.backbones import mtp_layer_config
 from pipo.model.modeling import run_mtp_head
-from pipo.testing import make_tiny_backbone
+from pipo.model.tiny import make_tiny_backbone
 from pipo.train.pretrain import PretrainConfig, batch, lr_factor, new_mtp_head, pretrain, pretrain_losses
 
 TASK = {"ops": "+-", "max_operand": 9, "max_value": 40}

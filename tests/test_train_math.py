@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipo.data.pairs import IGNORE_INDEX as X
 from pipo.errors import PadTokenError, PIPOError
-from pipo.train.layout import REJECTED_DRAFT as R
-from pipo.train.layout import collate_rows, pair_layout, rollout_row
+from pipo.model.pairs import IGNORE_INDEX as X
+from pipo.model.pairs import REJECTED_DRAFT as R
+from pipo.model.pairs import collate_rows, pair_layout, rollout_row
 from pipo.train.losses import chunked_head_loss, divergence_row_loss, union_indices
 from pipo.train.opd import compact_pads, opd_losses, teacher_rows_for_targets
 from pipo.train.settings import TrainSettings

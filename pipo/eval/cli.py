@@ -17,7 +17,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the evaluation sub-commands to the `pipo` parser."""
     _add_benchmark(subparsers)
     _add_score(subparsers)
-    _add_report(subparsers)
 
 
 def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
@@ -102,27 +101,4 @@ def _run_score(args: argparse.Namespace) -> int:
                                 method_label=args.method_label, overwrite=args.overwrite)
     print(json.dumps({"overall": metrics["overall"], "num_problems": metrics["num_problems"],
                       "code_sandbox": metrics["code_sandbox"]}, indent=2))
-    return 0
-
-
-def _add_report(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "report", help="build the results tables (csv/md/tex) and plots from metrics files",
-        description="Gather metrics (files, folders holding metrics.json, or glob patterns) and "
-                    "write main.{csv,md,tex}, speed.{csv,md} and accuracy-vs-speed plots.",
-    )
-    parser.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files, folders or globs")
-    parser.add_argument("--out-dir", required=True, help="folder for the tables")
-    parser.add_argument("--figures-dir", default=None, help="folder for the plots (default: --out-dir)")
-    parser.add_argument("--method-order", nargs="+", default=None,
-                        help="row order of methods within a model (default: regular eagle mtp pipo-sft pipo-opd)")
-    parser.set_defaults(func=_run_report)
-
-
-def _run_report(args: argparse.Namespace) -> int:
-    from pipo.report import DEFAULT_METHOD_ORDER, load_metrics, write_report  # pandas/matplotlib only when used
-
-    written = write_report(load_metrics(args.metrics), args.out_dir, figures_dir=args.figures_dir,
-                           method_order=args.method_order or DEFAULT_METHOD_ORDER)
-    print("\n".join(str(path) for path in written.values()))
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from pipo.data.pairs import IGNORE_INDEX
+from pipo.model.pairs import IGNORE_INDEX
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:

@@ -18,12 +18,12 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
-from pipo.data.pairs import check_pad_positions, pad_to_even
 from pipo.errors import NotAPIPOCheckpointError, PadTokenError, PIPOError
 from pipo.model import backbones
 from pipo.model.config import PIPOConfig
 from pipo.model.heads import Compressor, ConfidenceHead, MTPHead
 from pipo.model.losses import chunked_token_nll, mean_or_zero, select_supervised
+from pipo.model.pairs import check_pad_positions, pad_to_even
 
 
 @dataclass

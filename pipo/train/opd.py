@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pipo.model.losses import mean_or_zero
-from pipo.train.layout import REJECTED_DRAFT
+from pipo.model.pairs import REJECTED_DRAFT
 from pipo.train.losses import chunked_head_loss, confidence_bce, divergence_row_loss
 
 

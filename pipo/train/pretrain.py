@@ -1,7 +1,7 @@
 """From-scratch pretraining of tiny models on the synthetic arithmetic task (the demo preset).
 
 The demo replaces hub checkpoints by models trained inside the DAG: a byte-level BPE
-tokenizer and a random tiny backbone (`pipo.testing.make_tiny_backbone`), then a plain
+tokenizer and a random tiny backbone (`pipo.model.tiny.make_tiny_backbone`), then a plain
 PyTorch loop (AdamW, warmup + cosine decay) on chat-formatted task documents, so the models
 answer under the same chat template that rollouts, SFT and evaluation use. The loss covers
 the assistant turn only: the prompt's operands are random, predicting them teaches nothing.
@@ -31,10 +31,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipo.data import synthetic
-from pipo.data.pairs import IGNORE_INDEX
 from pipo.errors import PIPOError
 from pipo.model.heads import MTPHead
 from pipo.model.linear_attention import route_gated_delta_rule
+from pipo.model.pairs import IGNORE_INDEX
 
 LossLogger = Callable[[dict[str, float], int], None]  # (metrics, step), as MLflow runs log them
 
@@ -195,7 +195,7 @@ def pretrain(output_dir: str | Path, config: PretrainConfig, log: LossLogger | N
     """Build and train one model into `output_dir` (written as `<dir>.partial`, renamed when complete)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipo.testing import add_tensors, make_tiny_backbone
+    from pipo.model.tiny import add_tensors, make_tiny_backbone
 
     out = Path(output_dir)
     staging = out.with_name(out.name + ".partial")

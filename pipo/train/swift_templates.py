@@ -19,7 +19,7 @@ from swift.template.template_inputs import StdTemplateInputs
 from swift.template.templates.utils import ChatmlTemplateMeta
 
 from pipo.errors import PIPOError
-from pipo.train.layout import even_prompt, pair_layout
+from pipo.model.pairs import even_prompt, pair_layout
 
 THINK_PREFIX = "<think>\n"
 TEMPLATE_QWEN3_5 = "pipo_qwen3_5"

@@ -17,11 +17,10 @@ from swift.template import TemplateInputs
 from swift.trainers import Seq2SeqTrainer
 from swift.utils import remove_response
 
-from pipo.data.pairs import pad_augment_batch
 from pipo.errors import PIPOError
 from pipo.model.modeling import PIPOForCausalLM
+from pipo.model.pairs import collate_rows, pad_augment_batch, rollout_row
 from pipo.model.sampling import SamplingParams
-from pipo.train.layout import collate_rows, rollout_row
 from pipo.train.opd import compact_pads, opd_losses
 from pipo.train.rollout import generate_rollouts
 from pipo.train.settings import TrainSettings
