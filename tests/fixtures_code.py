@@ -11,7 +11,7 @@ from typing import Any
 
 
 def cf_tests(inputs: list[str], outputs: list[str], **extra: Any) -> dict[str, Any]:
-    """A `tests` block like `pipo.data.records.code_tests` writes."""
+    """A `tests` block like `pipo.data.problems.code_tests` writes."""
     block = {"format": "stdin", "inputs": inputs, "outputs": outputs, "fn_name": None,
              "time_limit_s": 1.0, "memory_limit_mb": 256, "language": "python", "checker": None,
              "input_mode": "stdio", "input_file": None, "output_file": None}

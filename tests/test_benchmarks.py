@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipo.data.records import LETTERS, MATH_INSTRUCTION, read_records, validate_record
+from pipo.data.problems import LETTERS, MATH_INSTRUCTION, read_records, validate_record
 from pipo.data.sources import dapo_question, load_codeforces_prompts, load_dapo_math, load_prompt_source
-from pipo.eval.benchmarks import BENCHMARKS, decode_lcb_tests, load_benchmark
+from pipo.eval.tasks import BENCHMARKS, decode_lcb_tests, load_benchmark
 from pipo.jsonl import read_jsonl, write_jsonl
 from tests import fixtures_hub as hub
 
@@ -317,7 +317,7 @@ def test_hub_ids_go_through_load_dataset_or_snapshot(tmp_path: Path, cache: Path
     a local copy's; the script-based LCB repo is fetched as files (its release_v6 JSONLs)."""
     import datasets
 
-    from pipo.data import records
+    from pipo.data import problems
 
     hub.write_gpqa_diamond(tmp_path / "gpqa")
     local = load_benchmark("gpqa_diamond", tmp_path / "gpqa", seed=3, cache_dir=cache)
@@ -332,7 +332,7 @@ def test_hub_ids_go_through_load_dataset_or_snapshot(tmp_path: Path, cache: Path
     hub.block_network(monkeypatch)
     hub.write_livecodebench(tmp_path / "snap")
     fetched: list[tuple] = []
-    monkeypatch.setattr(records, "snapshot", lambda repo, patterns, revision=None: fetched.append((repo, patterns)) or tmp_path / "snap")
+    monkeypatch.setattr(problems, "snapshot", lambda repo, patterns, revision=None: fetched.append((repo, patterns)) or tmp_path / "snap")
     assert len(load_benchmark("livecodebench", cache_dir=cache)) == 3
     assert fetched == [("livecodebench/code_generation_lite", tuple(f"test{i}.jsonl" for i in ["", 2, 3, 4, 5, 6]))]
 
@@ -352,8 +352,8 @@ def test_gated_dataset_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) ->
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 
-    from pipo.data import records
-    from pipo.data.records import GatedDatasetError
+    from pipo.data import problems
+    from pipo.data.problems import GatedDatasetError
 
     def refuse(*args, **kwargs):
         try:
@@ -371,7 +371,7 @@ def test_gated_dataset_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) ->
     def refuse_snapshot(repo, patterns, revision=None):
         raise _gated_refusal(repo)
 
-    monkeypatch.setattr(records, "snapshot", refuse_snapshot)
+    monkeypatch.setattr(problems, "snapshot", refuse_snapshot)
     with pytest.raises(GatedDatasetError, match="livecodebench/code_generation_lite is a gated dataset"):
         load_benchmark("livecodebench")
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from pipo.data import synthetic
-from pipo.data.records import LETTERS, validate_record
+from pipo.data.problems import LETTERS, validate_record
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 

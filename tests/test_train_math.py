@@ -12,7 +12,7 @@ from pipo.errors import PadTokenError, PIPOError
 from pipo.model.pairs import IGNORE_INDEX as X
 from pipo.model.pairs import REJECTED_DRAFT as R
 from pipo.model.pairs import collate_rows, pair_layout, rollout_row
-from pipo.train.losses import chunked_head_loss, divergence_row_loss, union_indices
+from pipo.train.divergences import chunked_head_loss, divergence_row_loss, union_indices
 from pipo.train.opd import compact_pads, opd_losses, teacher_rows_for_targets
 from pipo.train.settings import TrainSettings
 from pipo.train.validation import check_teacher_tokenizer, require_pad_token, validate_jsonl

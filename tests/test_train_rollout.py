@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from pipo.model.sampling import GREEDY, SamplingParams
-from pipo.train import rollout
+from pipo.train import student_rollout
 from pipo.train.merge import peft_ready
 from pipo.train.stages import LORA_TARGETS, MODULES_TO_SAVE
 
@@ -37,9 +37,9 @@ def rollouts(generate, student, params=GREEDY, tau=0.5, seed=0):
 @pytest.mark.parametrize("arch", ["qwen3_5", "llama"])
 def test_engine_rollouts_equal_reference_on_lora_student(pipo_model, arch):
     student = lora_student(pipo_model, arch).base_model.model
-    expected = rollouts(rollout.reference_rollouts, student.eval())
+    expected = rollouts(student_rollout.reference_rollouts, student.eval())
     student.train()
-    got = rollouts(rollout.generate_rollouts, student)
+    got = rollouts(student_rollout.generate_rollouts, student)
     assert student.training  # the trainer's mode comes back
     assert [r.raw_ids for r in got] == [r.raw_ids for r in expected]
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
@@ -59,13 +59,13 @@ def test_rollouts_take_the_engine_and_leave_mixed_dtype_weights_untouched(pipo_m
     before = {k: v.clone() for k, v in student.state_dict(keep_vars=True).items()}
     grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
     param_ids = {k: id(p) for k, p in student.named_parameters()}
-    expected = rollouts(rollout.reference_rollouts, student.eval())
+    expected = rollouts(student_rollout.reference_rollouts, student.eval())
 
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference generator ran instead of the engine")
 
-    monkeypatch.setattr(rollout, "reference_rollouts", no_reference)
-    got = rollouts(rollout.generate_rollouts, student.train())
+    monkeypatch.setattr(student_rollout, "reference_rollouts", no_reference)
+    got = rollouts(student_rollout.generate_rollouts, student.train())
     assert [r.raw_ids for r in got] == [r.raw_ids for r in expected]
     after = student.state_dict(keep_vars=True)
     for key, value in before.items():
@@ -80,9 +80,9 @@ def test_rollouts_take_the_engine_and_leave_mixed_dtype_weights_untouched(pipo_m
 def test_sampled_rollouts_are_reproducible_per_seed(pipo_model):
     student = lora_student(pipo_model, "llama").base_model.model
     params = SamplingParams(temperature=1.0, top_p=0.95, top_k=20, presence_penalty=1.5)
-    first = rollouts(rollout.generate_rollouts, student, params, seed=3)
-    assert [r.raw_ids for r in rollouts(rollout.generate_rollouts, student, params, seed=3)] == [r.raw_ids for r in first]
-    assert [r.raw_ids for r in rollouts(rollout.generate_rollouts, student, params, seed=4)] != [r.raw_ids for r in first]
+    first = rollouts(student_rollout.generate_rollouts, student, params, seed=3)
+    assert [r.raw_ids for r in rollouts(student_rollout.generate_rollouts, student, params, seed=3)] == [r.raw_ids for r in first]
+    assert [r.raw_ids for r in rollouts(student_rollout.generate_rollouts, student, params, seed=4)] != [r.raw_ids for r in first]
 
 
 def test_model_on_several_devices_uses_the_reference():
@@ -92,5 +92,5 @@ def test_model_on_several_devices_uses_the_reference():
             self.a = torch.nn.Linear(1, 1)
             self.b = torch.nn.Linear(1, 1, device="meta")
 
-    assert "one device" in rollout.engine_unsupported(TwoDevices())
-    assert rollout.engine_unsupported(torch.nn.Linear(1, 1)) is None
+    assert "one device" in student_rollout.engine_unsupported(TwoDevices())
+    assert student_rollout.engine_unsupported(torch.nn.Linear(1, 1)) is None

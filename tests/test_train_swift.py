@@ -154,7 +154,7 @@ def test_opd_first_step_loss_equals_the_loss_recomputed_from_its_batch(divergenc
     SFT model: LoRA starts as a no-op) and the teacher run here; at threshold 0.5 the rollouts hold rejected drafts."""
     from transformers import AutoModelForCausalLM
 
-    from pipo.train import rollout, swift_trainers
+    from pipo.train import student_rollout, swift_trainers
     from pipo.train.opd import opd_losses
 
     def no_reference(*args, **kwargs):
@@ -170,7 +170,7 @@ def test_opd_first_step_loss_equals_the_loss_recomputed_from_its_batch(divergenc
     real_compact = swift_trainers.compact_pads
     monkeypatch.setattr(swift_trainers, "compact_pads", lambda ids, mask, pad: inputs.append((ids.clone(), mask.clone())) or real_compact(ids, mask, pad))
     monkeypatch.setattr(swift_trainers, "opd_losses", recording_opd_losses)
-    monkeypatch.setattr(rollout, "reference_rollouts", no_reference)  # rollouts come from the batched engine
+    monkeypatch.setattr(student_rollout, "reference_rollouts", no_reference)  # rollouts come from the batched engine
     teacher_dir = backbone_dir("llama", hidden_size=96)
     settings = {"divergence": divergence, "conf_threshold": threshold, "topk": 4}
     config = {**TINY, "model": str(merged), "teacher": str(teacher_dir), "dataset": str(data["rl"]), "lora_dropout": 0.0,

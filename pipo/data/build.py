@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pipo.data.records import Record
+from pipo.data.problems import Record
 from pipo.errors import InputError, PIPOError
 from pipo.jsonl import numbered_jsonl, write_jsonl
 

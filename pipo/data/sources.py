@@ -1,6 +1,6 @@
 """Training prompt sources (spec section 7): DAPO-Math-17k and Codeforces verifiable prompts.
 
-Both come out as normalised records (`pipo.data.records`), the input of teacher rollouts,
+Both come out as normalised records (`pipo.data.problems`), the input of teacher rollouts,
 each tagged with its part (`metadata.split`): DAPO by position (the first 90% of rows feed
 SFT, the last 10% are RL prompts), Codeforces by a stable hash of the problem id (90/10).
 """
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pipo.data.records import (
+from pipo.data.problems import (
     INPUT_MODES,
     HubDataset,
     Record,

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipo.data.records import LETTERS, Record, make_record, shuffled_choices, stable_seed
+from pipo.data.problems import LETTERS, Record, make_record, shuffled_choices, stable_seed
 
 Split = Literal["train", "test"]
 Kind = Literal["math", "mcq"]

@@ -42,7 +42,7 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
 def _run_benchmark(args: argparse.Namespace) -> int:
     from pipo.jsonl import write_jsonl
     from pipo.errors import PIPOError
-    from pipo.eval.benchmarks import load_benchmark
+    from pipo.eval.tasks import load_benchmark
     from pipo.eval.truncation import fit_to_model, needs_fitting
 
     try:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipo.data.records import GRADERS
+from pipo.data.problems import GRADERS
 from pipo.eval.sandbox import SandboxConfig, Status, run_program, run_python
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipo.data.records import check_tests
+from pipo.data.problems import check_tests
 from pipo.errors import InputError, PIPOError, RecordError
 from pipo.eval.graders import DEFAULT_MATH_TIMEOUT_S, grade, grader_for
 from pipo.eval.metrics import summarize

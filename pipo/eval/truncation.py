@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipo.data.records import Record
+from pipo.data.problems import Record
 from pipo.errors import PIPOError
 
 TRUNCATION_KEY = "truncation"  # metadata field: "middle" marks a record whose prompt may be cut

@@ -13,7 +13,7 @@ import torch
 
 from pipo.model.losses import mean_or_zero
 from pipo.model.pairs import REJECTED_DRAFT
-from pipo.train.losses import chunked_head_loss, confidence_bce, divergence_row_loss
+from pipo.train.divergences import chunked_head_loss, confidence_bce, divergence_row_loss
 
 
 @dataclass

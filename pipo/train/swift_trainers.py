@@ -22,7 +22,7 @@ from pipo.model.modeling import PIPOForCausalLM
 from pipo.model.pairs import collate_rows, pad_augment_batch, rollout_row
 from pipo.model.sampling import SamplingParams
 from pipo.train.opd import compact_pads, opd_losses
-from pipo.train.rollout import generate_rollouts
+from pipo.train.student_rollout import generate_rollouts
 from pipo.train.settings import TrainSettings
 from pipo.train.tracking_callback import MLflowMetricsCallback
 from pipo.train.validation import check_teacher_tokenizer

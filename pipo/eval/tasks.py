@@ -1,7 +1,7 @@
 """Evaluation benchmarks (spec section 7): load each one into normalised records.
 
 Every loader reads either the Hugging Face Hub (default) or a local copy saved in
-the hub's file layout, and returns records in the schema of `pipo.data.records`.
+the hub's file layout, and returns records in the schema of `pipo.data.problems`.
 `BENCHMARKS` maps a benchmark name to its loader; `load_benchmark` is the entry point.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipo.data import synthetic
-from pipo.data.records import (
+from pipo.data.problems import (
     HubDataset,
     Record,
     code_prompt,
