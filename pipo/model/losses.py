@@ -1,10 +1,14 @@
-"""Memory-safe LM-head losses: never materialise `[N, V]` logits for more than one chunk.
+"""Memory-safe LM-head losses and the loss assembly SFT and OPD share (docs/method.md sections 4-5).
 
 `chunked_token_nll` computes `-log softmax(h W^T)[y]` chunk by chunk in the forward
 pass and recomputes each chunk's logits in the backward pass (the same trade as
 activation checkpointing), so peak memory is `chunk_size x V` whatever the sequence length.
+`assemble_losses` turns per-row backbone / MTP losses and confidence logits and targets
+into `L_backbone + w_mtp L_mtp + w_conf L_conf` and its diagnostics, for both stages.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -79,3 +83,52 @@ def mean_or_zero(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if values.numel() == 0:
         return like.sum() * 0.0
     return values.mean()
+
+
+@dataclass
+class LossTerms:
+    """A training loss, its components and confidence-head diagnostics (SFT and OPD alike)."""
+
+    loss: torch.Tensor
+    backbone_loss: torch.Tensor
+    mtp_loss: torch.Tensor
+    conf_loss: torch.Tensor
+    conf_mean_pred: torch.Tensor
+    conf_mean_target: torch.Tensor
+    num_backbone_tokens: int
+    num_mtp_tokens: int
+
+
+def assemble_losses(
+    backbone: torch.Tensor,
+    mtp: torch.Tensor,
+    conf_logits: torch.Tensor,
+    conf_target: torch.Tensor,
+    *,
+    backbone_like: torch.Tensor,
+    mtp_like: torch.Tensor,
+    mtp_weight: float,
+    conf_weight: float,
+) -> LossTerms:
+    """`L_backbone + w_mtp L_mtp + w_conf L_conf` from per-row losses (docs/method.md section 4).
+
+    `backbone` [N1] / `mtp` [N2]: per-row losses of the token1 / token2 rows; `conf_logits` [N2]
+    the confidence logits of the token2 rows and `conf_target` [N2] their (detached) targets.
+    `backbone_like` / `mtp_like` keep an empty term in the autograd graph of the tensors it
+    would have come from (see `mean_or_zero`).
+    """
+    conf_logits = conf_logits.float()
+    conf_bce = F.binary_cross_entropy_with_logits(conf_logits, conf_target.detach(), reduction="none")
+    backbone_loss = mean_or_zero(backbone, backbone_like)
+    mtp_loss = mean_or_zero(mtp, mtp_like)
+    conf_loss = mean_or_zero(conf_bce, conf_logits)
+    return LossTerms(
+        loss=backbone_loss + mtp_weight * mtp_loss + conf_weight * conf_loss,
+        backbone_loss=backbone_loss,
+        mtp_loss=mtp_loss,
+        conf_loss=conf_loss,
+        conf_mean_pred=mean_or_zero(torch.sigmoid(conf_logits.detach()), conf_logits).detach(),
+        conf_mean_target=mean_or_zero(conf_target, conf_logits).detach(),
+        num_backbone_tokens=int(backbone.numel()),
+        num_mtp_tokens=int(mtp.numel()),
+    )

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -22,7 +21,7 @@ from pipo.errors import NotAPIPOCheckpointError, PadTokenError, PIPOError
 from pipo.model import backbones
 from pipo.model.config import PIPOConfig
 from pipo.model.heads import Compressor, ConfidenceHead, MTPHead
-from pipo.model.losses import chunked_token_nll, mean_or_zero, select_supervised
+from pipo.model.losses import assemble_losses, chunked_token_nll, select_supervised
 from pipo.model.pairs import check_pad_positions, pad_to_even
 
 
@@ -246,23 +245,10 @@ class PIPOForCausalLM(PreTrainedModel):
         rows2, targets2, mask2 = select_supervised(mtp_hidden, labels[:, 3::2])
         mtp_nll = chunked_token_nll(rows2, weight, targets2, chunk_size)
 
-        conf_logits = all_conf_logits[mask2].float()
-        conf_target = torch.exp(-mtp_nll.detach())
-        conf_bce = F.binary_cross_entropy_with_logits(conf_logits, conf_target, reduction="none")
-
-        backbone_loss = mean_or_zero(backbone_nll, h_prev)
-        mtp_loss = mean_or_zero(mtp_nll, h_prev)
-        conf_loss = mean_or_zero(conf_bce, conf_logits)
-        return PIPOOutput(
-            loss=backbone_loss + mtp_weight * mtp_loss + conf_weight * conf_loss,
-            backbone_loss=backbone_loss,
-            mtp_loss=mtp_loss,
-            conf_loss=conf_loss,
-            conf_mean_pred=mean_or_zero(torch.sigmoid(conf_logits.detach()), conf_logits).detach(),
-            conf_mean_target=mean_or_zero(conf_target, conf_logits).detach(),
-            num_backbone_tokens=int(targets.numel()),
-            num_mtp_tokens=int(targets2.numel()),
-        )
+        terms = assemble_losses(backbone_nll, mtp_nll, all_conf_logits[mask2], torch.exp(-mtp_nll.detach()),
+                                backbone_like=h_prev, mtp_like=h_prev, mtp_weight=mtp_weight,
+                                conf_weight=conf_weight)
+        return PIPOOutput(**vars(terms))
 
     def pair_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

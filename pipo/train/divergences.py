@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch.nn import functional as F
 
 from pipo.errors import PIPOError
 
@@ -169,8 +168,3 @@ def divergence_row_loss(
         raise PIPOError(f"unknown divergence {mode!r}: use sampled, topk or full")
 
     return row_loss
-
-
-def confidence_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row BCE of the confidence head against a detached acceptance-probability target."""
-    return F.binary_cross_entropy_with_logits(logits.float(), target.detach(), reduction="none")

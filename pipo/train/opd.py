@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipo.model.losses import mean_or_zero
+from pipo.model.losses import LossTerms, assemble_losses
 from pipo.model.pairs import REJECTED_DRAFT
-from pipo.train.divergences import chunked_head_loss, confidence_bce, divergence_row_loss
+from pipo.train.divergences import chunked_head_loss, divergence_row_loss
 
 
 @dataclass
@@ -79,20 +79,6 @@ def fill_rejected_drafts(
     return filled
 
 
-@dataclass
-class OPDOutput:
-    """OPD loss, its components and confidence-head diagnostics."""
-
-    loss: torch.Tensor
-    backbone_loss: torch.Tensor
-    mtp_loss: torch.Tensor
-    conf_loss: torch.Tensor
-    conf_mean_pred: torch.Tensor
-    conf_mean_target: torch.Tensor
-    num_backbone_tokens: int
-    num_mtp_tokens: int
-
-
 def opd_losses(
     hidden: torch.Tensor,
     mtp_hidden: torch.Tensor,
@@ -110,7 +96,7 @@ def opd_losses(
     chunk_size: int = 1024,
     fill_rejected: bool = True,
     pad_id: int | None = None,
-) -> OPDOutput:
+) -> LossTerms:
     """Total `L_backbone + w_mtp L_mtp + w_conf L_conf` on a rollout batch.
 
     `hidden` / `mtp_hidden` / `conf_logits`: the student's `pair_states` for pairs 0..L-2
@@ -134,18 +120,6 @@ def opd_losses(
         row_loss = divergence_row_loss(divergence, teacher, teacher_weight, targets[mask], k, beta)
         div, alpha = chunked_head_loss(rows[mask], student_weight, row_loss, chunk_size)
         parts.append((div, alpha, mask))
-    (div1, _, mask1), (div2, alpha2, mask2) = parts
-    conf = conf_logits[mask2].float()
-    backbone_loss = mean_or_zero(div1, hidden)
-    mtp_loss = mean_or_zero(div2, mtp_hidden)
-    conf_loss = mean_or_zero(confidence_bce(conf, alpha2), conf_logits)
-    return OPDOutput(
-        loss=backbone_loss + mtp_weight * mtp_loss + conf_weight * conf_loss,
-        backbone_loss=backbone_loss,
-        mtp_loss=mtp_loss,
-        conf_loss=conf_loss,
-        conf_mean_pred=mean_or_zero(torch.sigmoid(conf.detach()), conf).detach(),
-        conf_mean_target=mean_or_zero(alpha2, conf).detach(),
-        num_backbone_tokens=int(mask1.sum()),
-        num_mtp_tokens=int(mask2.sum()),
-    )
+    (div1, _, _), (div2, alpha2, mask2) = parts
+    return assemble_losses(div1, div2, conf_logits[mask2], alpha2, backbone_like=hidden, mtp_like=mtp_hidden,
+                           mtp_weight=mtp_weight, conf_weight=conf_weight)
