@@ -209,7 +209,7 @@ def test_dapo_split_is_disjoint_and_complete(tmp_path: Path, cache: Path) -> Non
 
 def test_dapo_uuid_index_and_both_prompt_forms(tmp_path: Path, cache: Path) -> None:
     """`extra_info.index` is a UUID string (the id); a bare prompt and one inside DAPO's
-    "Answer:" wrapper give the same clean question under the spec's instruction."""
+    "Answer:" wrapper give the same clean question under the instruction of docs/method.md section 7."""
     rows = hub.write_dapo_math(tmp_path / "dapo", n=4)
     records = load_dapo_math(tmp_path / "dapo", cache_dir=cache)
     assert [r["id"] for r in records] == [f"dapo_math/{row['extra_info']['index']}" for row in rows]

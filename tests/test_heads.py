@@ -1,4 +1,5 @@
-"""The spec's initialisations of the PIPO heads, and their values on arbitrary weights, worked out position by position."""
+"""The initialisations of the PIPO heads (docs/method.md section 2), and their values on arbitrary weights,
+worked out position by position."""
 from __future__ import annotations
 
 import math

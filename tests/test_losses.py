@@ -40,7 +40,7 @@ def test_chunked_nll_gradcheck():
 
 
 def direct_losses(model, ids, labels):
-    """Spec section 4 computed the obvious way: full logits, F.cross_entropy with ignore_index."""
+    """docs/method.md section 4 computed the obvious way: full logits, F.cross_entropy with ignore_index."""
     hidden = model.encode_pairs(ids)
     h_prev = hidden[:, :-1]
     logits1 = model.lm_head(h_prev).float()
@@ -154,7 +154,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(pipo_model):
 
 
 def looped_losses(model, ids, labels):
-    """Spec section 4 per position, from a decoding loop: the backbone and the MTP head take one pair at a time
+    """docs/method.md section 4 per position, from a decoding loop: the backbone and the MTP head take one pair at a time
     through their caches (another path than the teacher-forced batch), targets read at 2i+2 and 2i+3 one by one."""
     nll1, nll2, conf_pred, conf_bce, p_gold = [], [], [], [], []
     for row in range(ids.shape[0]):

@@ -1,4 +1,4 @@
-"""Incremental pair-by-pair decoding must reproduce one full compressed forward (spec section 6)."""
+"""Incremental pair-by-pair decoding must reproduce one full compressed forward (docs/method.md section 6)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Pair layout rules (spec section 3) and PAD augmentation invariants (section 4)."""
+"""Pair layout rules (docs/method.md section 3) and PAD augmentation invariants (section 4)."""
 from __future__ import annotations
 
 import pytest

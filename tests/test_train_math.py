@@ -150,7 +150,7 @@ def top1(p: list[float]) -> int:
 
 
 def hand_divergence(mode: str, s: list[float], t: list[float], y: int) -> tuple[float, float]:
-    """(divergence, confidence target) of one row, spec section 5, with k = 1 for `topk`."""
+    """(divergence, confidence target) of one row, docs/method.md section 5, with k = 1 for `topk`."""
     if mode == "sampled":
         return math.log(s[y]) - math.log(t[y]), min(1.0, t[y] / s[y])
     if mode == "topk":

@@ -1,4 +1,4 @@
-"""Teacher rollouts + grades -> SFT rows and RL prompt rows (spec section 7).
+"""Teacher rollouts + grades -> SFT rows and RL prompt rows (docs/method.md section 7).
 
 Inputs are what the DAG's rollout and grade rules write: `pipo generate` rows (the prompt
 record plus `completions` and `finish_reasons`) and `pipo score` rows (`id` plus one

@@ -7,7 +7,7 @@ One record per problem (contract)::
 
 `prompt` is the user message; the engine applies the chat template later. This
 module also holds what every loader needs: stable per-item seeds,
-the spec's prompt templates, and reading a dataset either from the Hugging Face Hub
+the prompt templates of docs/method.md section 7, and reading a dataset either from the Hugging Face Hub
 or from a local copy saved in the hub's file layout.
 """
 from __future__ import annotations
@@ -142,7 +142,7 @@ def check_tests(tests: Any, where: str = "") -> None:
 
 
 def math_prompt(question: str) -> str:
-    """Spec section 7: the instruction, then the question."""
+    """docs/method.md section 7: the instruction, then the question."""
     return f"{MATH_INSTRUCTION}\n\n{question.strip()}"
 
 

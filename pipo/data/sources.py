@@ -1,4 +1,4 @@
-"""Training prompt sources (spec section 7): DAPO-Math-17k and Codeforces verifiable prompts.
+"""Training prompt sources (docs/method.md section 7): DAPO-Math-17k and Codeforces verifiable prompts.
 
 Both come out as normalised records (`pipo.data.problems`), the input of teacher rollouts,
 each tagged with its part (`metadata.split`): DAPO by position (the first 90% of rows feed
@@ -38,7 +38,7 @@ CODEFORCES_FILES = ("input.txt", "output.txt")  # what file-input (`input_mode` 
 Split = Literal["sft", "rl", "all"]
 
 # DAPO's own answer-format wrapper around each problem ("... Answer: $Answer ..."); it is
-# replaced by the spec's \boxed{} instruction so training and evaluation prompts agree.
+# replaced by the \boxed{} instruction of docs/method.md section 7 so training and evaluation prompts agree.
 _DAPO_PREFIX = re.compile(r"^\s*Solve the following math problem step by step\..*?\n\n", re.DOTALL)
 _DAPO_SUFFIX = re.compile(r"\n\nRemember to put your answer on its own line after \"Answer:\"\.?\s*$")
 

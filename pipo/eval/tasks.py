@@ -1,4 +1,4 @@
-"""Evaluation benchmarks (spec section 7): load each one into normalised records.
+"""Evaluation benchmarks (docs/method.md section 7): load each one into normalised records.
 
 Every loader reads either the Hugging Face Hub (default) or a local copy saved in
 the hub's file layout, and returns records in the schema of `pipo.data.problems`.

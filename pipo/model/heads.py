@@ -1,4 +1,4 @@
-"""The three modules PIPO adds to a backbone: compressor, MTP head, confidence head (spec section 2)."""
+"""The three modules PIPO adds to a backbone: compressor, MTP head, confidence head (docs/method.md section 2)."""
 from __future__ import annotations
 
 import torch
@@ -24,7 +24,7 @@ class Compressor(nn.Module):
 
     `linear`: Linear(2H->H) initialised to `[I | I]`, so `z = e_a + e_b` at the start.
     `mlp`: Linear(2H->2H) -> SiLU -> Linear(2H->H), first layer identity, second `[I | I]`,
-    so `z = silu(e_a) + silu(e_b)` at the start (the spec's initialisation, taken literally).
+    so `z = silu(e_a) + silu(e_b)` at the start (docs/method.md section 2, taken literally).
     """
 
     def __init__(self, hidden_size: int, compressor_type: str) -> None:

@@ -1,6 +1,6 @@
 """`PIPOForCausalLM`: a pretrained causal LM run on compressed token pairs, with MTP and confidence heads.
 
-Training forward (spec section 4) and the inference pieces (section 6) live here; the
+Training forward (docs/method.md section 4) and the inference pieces (section 6) live here; the
 reference generators (`pipo.model.reference`) and the fast engine build on
 `encode_pairs`, `mtp_forward`, `confidence_logits` and `new_cache`.
 """
@@ -100,7 +100,7 @@ class PIPOForCausalLM(PreTrainedModel):
     """PIPO around a decoder-only backbone (`model`), with `compressor`, `mtp` and `confidence_head`.
 
     The LM head is tied to the embeddings when the backbone ties them, and is frozen
-    together with the embeddings (spec section 4).
+    together with the embeddings (docs/method.md section 4).
     """
 
     config_class = PIPOConfig
@@ -131,14 +131,14 @@ class PIPOForCausalLM(PreTrainedModel):
         self.freeze_lm_head()
 
     def freeze_lm_head(self) -> None:
-        """LM head and embeddings stay frozen in every PIPO stage (spec section 4)."""
+        """LM head and embeddings stay frozen in every PIPO stage (docs/method.md section 4)."""
         self.lm_head.weight.requires_grad_(False)
         self.model.embed_tokens.weight.requires_grad_(False)
 
     def _init_weights(self, module: nn.Module) -> None:
         """The backbone family's own init for every leaf module (the MTP layer's norms included).
 
-        The compressor's spec initialisation is applied after `post_init` in `__init__`:
+        The compressor's initialisation (docs/method.md section 2) is applied after `post_init` in `__init__`:
         transformers skips modules without parameters of their own, like `Compressor`.
         """
         type(self.model)._init_weights(self.model, module)
@@ -226,7 +226,7 @@ class PIPOForCausalLM(PreTrainedModel):
         conf_weight: float = 1.0,
         chunk_size: int = 2048,
     ) -> PIPOOutput:
-        """SFT losses on a teacher-forced compressed batch (spec section 4).
+        """SFT losses on a teacher-forced compressed batch (docs/method.md section 4).
 
         backbone: CE(lm_head(h_i), y_2i+2); MTP fed gold x_2i+2: CE(lm_head(m_i), y_2i+3);
         confidence: BCE(c_i, p_mtp(y_2i+3)) with target, h and m detached. The LM head

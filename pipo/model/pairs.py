@@ -1,4 +1,4 @@
-"""The pair layout every PIPO sequence obeys (spec section 3), from raw ids to training rows, and PAD
+"""The pair layout every PIPO sequence obeys (docs/method.md section 3), from raw ids to training rows, and PAD
 augmentation (section 4).
 
 - Every sequence has even length; a PAD is appended where needed.

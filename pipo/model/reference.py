@@ -1,6 +1,6 @@
 """Reference generators: simple, correct, batch-size-1 decoding loops used as oracles for the fast engine.
 
-`generate_pipo_reference` follows spec section 6 step by step (pair prefill with a
+`generate_pipo_reference` follows docs/method.md section 6 step by step (pair prefill with a
 drafted token2, then two-phase decode with confidence gating); `generate_regular_reference`
 is plain autoregressive decoding of a causal LM; `generate_mtp_reference` commits a native
 MTP head's draft after every backbone token. None is fast; all are exact.

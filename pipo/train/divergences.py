@@ -1,4 +1,4 @@
-"""OPD divergences and confidence targets over a chunked LM head (spec section 5).
+"""OPD divergences and confidence targets over a chunked LM head (docs/method.md section 5).
 
 Each divergence is a *row loss*: given one chunk of student logits (float32 [c, V]) it
 returns the per-row divergence, differentiable in the logits, and the per-row confidence
@@ -84,8 +84,8 @@ def sampled_row_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torc
     The value is `log p_s(y) - log p_t(y)`. Its gradient is the score-function estimate
     `(log p_s(y) - log p_t(y)) * grad log p_s(y)`, which is unbiased for the reverse KL
     under on-policy samples; differentiating the value directly would only push `p_s(y)`
-    down. (The spec names the estimator, not its gradient: this follows its intent,
-    per token, without a sequence-level return.)
+    down. (docs/method.md section 5: the paper names the estimator, not its gradient;
+    this follows its intent, per token, without a sequence-level return.)
     """
     ls = token_logprob(student, targets)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""On-policy distillation math (spec section 5): PAD compaction for the teacher and the OPD losses.
+"""On-policy distillation math (docs/method.md section 5): PAD compaction for the teacher and the OPD losses.
 
 The teacher never sees PADs: `compact_pads` removes them, the teacher runs on the clean
 sequence, and `source_index` maps every student position back to the teacher position of

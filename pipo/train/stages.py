@@ -40,7 +40,7 @@ RUN_FILE = "pipo_run.json"  # fingerprint of the run in progress; removed when i
 
 @dataclass
 class SFTStageConfig:
-    """SFT stage (spec section 4 recipe by default). `dataset`: chat jsonl or a `pipo cache` folder."""
+    """SFT stage (docs/method.md section 4 recipe by default). `dataset`: chat jsonl or a `pipo cache` folder."""
 
     model: str
     dataset: str
@@ -94,7 +94,7 @@ class SFTStageConfig:
 
 @dataclass
 class OPDStageConfig(SFTStageConfig):
-    """OPD stage (spec section 5). `model`: the merged SFT checkpoint; `dataset`: prompt rows."""
+    """OPD stage (docs/method.md section 5). `model`: the merged SFT checkpoint; `dataset`: prompt rows."""
 
     teacher: str = ""
     teacher_model_type: str | None = None  # default: qwen3_5 for hub VL checkpoints, else pipo_teacher

@@ -40,7 +40,7 @@ def _target_device(device_map: Any) -> str | torch.device | None:
 
 
 class PIPOModelLoader(ModelLoader):
-    """Loads a PIPO checkpoint, or converts a regular backbone into PIPO (fresh heads, spec initialisation)."""
+    """Loads a PIPO checkpoint, or converts a regular backbone into PIPO (fresh heads, docs/method.md section 2)."""
 
     def get_config(self, model_dir: str) -> PretrainedConfig:
         if is_pipo_checkpoint(model_dir):

@@ -61,7 +61,7 @@ def step_generator(seed: int, step: int, rank: int, micro_step: int) -> torch.Ge
 
 
 class PIPOSFTTrainer(Seq2SeqTrainer):
-    """SFT (spec section 4): PAD augmentation drawn per micro-batch, `pipo_losses`, component metrics.
+    """SFT (docs/method.md section 4): PAD augmentation drawn per micro-batch, `pipo_losses`, component metrics.
 
     The thinking prefix is masked by construction: the PIPO templates put it in the
     generation prompt, so it is never a label.
@@ -103,7 +103,7 @@ class PIPOSFTTrainer(Seq2SeqTrainer):
 
 
 class PIPOOPDTrainer(GKDTrainer):
-    """On-policy distillation (spec section 5) on top of ms-swift's GKD loop.
+    """On-policy distillation (docs/method.md section 5) on top of ms-swift's GKD loop.
 
     Rollouts use PIPO decoding (`generate_rollouts`, confidence threshold from the
     settings); the teacher runs on PAD-compacted sequences; the student runs the
