@@ -7,10 +7,10 @@ transformers loads them (`pipo._auto`), so a saved PIPO checkpoint loads with
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipo import _auto
+from pipo.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from pipo.model import PIPOConfig, PIPOForCausalLM
@@ -20,11 +20,4 @@ __version__ = "0.1.0"
 
 _auto.install()
 
-
-def __getattr__(name: str) -> Any:
-    """PEP 562: the model classes are imported on first access (which also registers them)."""
-    if name in __all__:
-        value = getattr(importlib.import_module("pipo.model"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pipo' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, dict.fromkeys(__all__, "pipo.model"))

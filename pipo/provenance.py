@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +52,26 @@ def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def model_fingerprint(folder: str | Path) -> str:
-    """A cheap identity of a checkpoint folder: config.json's bytes plus name, size and mtime of each weight file.
+def add_file_stats(digest: Any, root: Path, files: Iterable[Path]) -> None:
+    """Feed each file's name (relative to `root`), size and mtime to `digest` (a hashlib object).
 
-    Hashing tens of GB of weights would cost minutes; retraining into the same folder
-    changes the mtimes, a different checkpoint the config or the sizes.
+    The cheap identity of large inputs: hashing tens of GB of weights would cost minutes,
+    while any rewrite of a file changes its mtime, and another file its name or size.
     """
+    for path in files:
+        stat = path.stat()
+        name = path.relative_to(root) if path != root else ""
+        digest.update(f"{name}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\n".encode())
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """A cheap identity of a checkpoint folder: config.json's bytes plus the stats of each weight file."""
     folder = Path(folder)
     digest = hashlib.sha256()
     config = folder / "config.json"
     if config.is_file():
         digest.update(config.read_bytes())
-    for path in sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(folder)}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\n".encode())
+    add_file_stats(digest, folder, sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()))
     return digest.hexdigest()[:16]
 
 

@@ -172,7 +172,7 @@ CASES = [
     Case("missing key", stage("sft"), "missing SFTStageConfig key(s) ['model']", with_stage("sft", model=None)),
     Case("bad override", stage("sft", "--set", "lora_rank"), "--set 'lora_rank' must look like key=value"),
     Case("missing dataset", stage("sft"), "sft dataset", with_stage("sft", dataset="gone.jsonl")),
-    Case("dataset row", stage("sft"), "sft.jsonl row 1: no assistant turn",
+    Case("dataset row", stage("sft"), "sft.jsonl:1: messages: no assistant turn",
          lambda w, m: lines(w / "sft.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])),
     Case("missing model folder in a stage", stage("sft"), "./no/model: model: no such model folder",
          with_stage("sft", model="./no/model")),

@@ -14,6 +14,7 @@ import pytest
 
 from pipo.data.problems import LETTERS, MATH_INSTRUCTION, read_records, validate_record
 from pipo.data.sources import dapo_question, load_codeforces_prompts, load_dapo_math, load_prompt_source
+from pipo.errors import PIPOError
 from pipo.eval.tasks import BENCHMARKS, decode_lcb_tests, load_benchmark
 from pipo.jsonl import read_jsonl, write_jsonl
 from tests import fixtures_hub as hub
@@ -278,7 +279,7 @@ def test_registry_limit_and_unknown(tmp_path: Path, cache: Path) -> None:
     )
     hub.write_aime25(tmp_path / "aime25", n=5)
     assert len(load_benchmark("aime25", tmp_path / "aime25", limit=2, cache_dir=cache)) == 2
-    with pytest.raises(KeyError, match="unknown benchmark 'nope'"):
+    with pytest.raises(PIPOError, match="unknown benchmark 'nope'"):
         load_benchmark("nope", tmp_path)
 
 
@@ -411,7 +412,6 @@ def test_generate_rule_fits_longbench_prompts_with_the_models_tokenizer(tmp_path
 
 
 def test_prompt_budget_leaves_pipo_room_for_a_pad_per_new_token() -> None:
-    from pipo.errors import PIPOError
     from pipo.eval.truncation import prompt_budget, section_budget
 
     section = {"max_seq_len": 1000, "max_new_tokens": 300, "prompt_budget": None}

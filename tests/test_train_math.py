@@ -271,7 +271,7 @@ def test_row_without_assistant_turn_names_the_row(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]},
             {"messages": [{"role": "user", "content": "2+2"}]}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    with pytest.raises(PIPOError, match=r"sft.jsonl row 2: no assistant turn"):
+    with pytest.raises(PIPOError, match=r"sft.jsonl:2: messages: no assistant turn"):
         validate_jsonl(path, "sft")
     assert validate_jsonl(path, "opd") == 2
 

@@ -6,8 +6,9 @@ The names below load on first access (PEP 562): `pipo generate --help` and `METH
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pipo.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from pipo.engine.decoding import speculative_accept
@@ -33,10 +34,4 @@ _SOURCES = {
 }
 __all__ = ["METHODS", *sorted(_SOURCES)]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _SOURCES:
-        value = getattr(importlib.import_module(_SOURCES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pipo.engine' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _SOURCES)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from pipo.chat import check_messages
 from pipo.engine import METHODS
 from pipo.errors import InputError, PIPOError
 from pipo.jsonl import append_jsonl, drop_partial_last_line, iter_jsonl, numbered_jsonl
@@ -34,7 +35,6 @@ if TYPE_CHECKING:  # torch, the engine and the sampler load only when generating
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype: a torch dtype name, or the checkpoint's own
 FORMAT = "pipo-generations/3"
-ROLES = ("system", "user", "assistant", "tool")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 MAX_N = 1024  # samples per prompt; more is a typo, not an experiment
 
@@ -174,29 +174,12 @@ def check_sizes(model: Path, config: dict, args: argparse.Namespace, device: tor
             f"{free / gib:.1f} GiB free: lower them")
 
 
-def check_messages(messages: object, path: Path, lineno: int) -> None:
-    """A chat: a non-empty list of {"role": one of ROLES, "content": str} objects."""
-    if not isinstance(messages, list) or not messages:
-        raise InputError("must be a non-empty list of {role, content} objects", file=path, row=lineno,
-                         field="messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InputError(f"must be an object, got {type(message).__name__}", file=path, row=lineno,
-                             field=f"messages[{i}]")
-        if message.get("role") not in ROLES:
-            raise InputError(f"must be one of {', '.join(ROLES)}, got {message.get('role')!r}", file=path,
-                             row=lineno, field=f"messages[{i}].role")
-        if not isinstance(message.get("content"), str):
-            raise InputError(f"must be a string, got {type(message.get('content')).__name__}", file=path,
-                             row=lineno, field=f"messages[{i}].content")
-
-
 def read_rows(path: Path) -> list[dict]:
     """Input rows; a malformed row or a repeated id is an error naming the file, line and field."""
     rows, first_line = [], {}
     for lineno, row in numbered_jsonl(path):
         if "messages" in row:
-            check_messages(row["messages"], path, lineno)
+            check_messages(row["messages"], file=path, row=lineno)
         elif not (isinstance(row.get("prompt"), str) and row["prompt"].strip()):
             raise InputError("a row needs a non-empty 'prompt' string or a 'messages' list", file=path,
                              row=lineno, field="prompt")

@@ -40,23 +40,18 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from pipo.jsonl import write_jsonl
-    from pipo.errors import PIPOError
-    from pipo.eval.tasks import load_benchmark
+    from pipo.eval.tasks import load_benchmark  # heavy imports only when used
     from pipo.eval.truncation import fit_to_model, needs_fitting
+    from pipo.jsonl import write_jsonl
 
-    try:
-        records = load_benchmark(args.name, args.source, limit=args.limit, seed=args.seed)
-        if args.tokenizer is not None:
-            limits = {"max_seq_len": args.max_seq_len, "max_new_tokens": args.max_new_tokens,
-                      "prompt_budget": args.prompt_budget}
-            records = fit_to_model(records, args.tokenizer, limits)
-        elif needs_fitting(records):
-            print(f"pipo benchmark: note: {args.name} prompts are kept whole; give --tokenizer to fit them "
-                  "to the model's prompt budget", file=sys.stderr)
-    except (PIPOError, KeyError) as e:
-        print(f"pipo benchmark: error: {e}", file=sys.stderr)
-        return 2
+    records = load_benchmark(args.name, args.source, limit=args.limit, seed=args.seed)
+    if args.tokenizer is not None:
+        limits = {"max_seq_len": args.max_seq_len, "max_new_tokens": args.max_new_tokens,
+                  "prompt_budget": args.prompt_budget}
+        records = fit_to_model(records, args.tokenizer, limits)
+    elif needs_fitting(records):
+        print(f"pipo benchmark: note: {args.name} prompts are kept whole; give --tokenizer to fit them "
+              "to the model's prompt budget", file=sys.stderr)
     write_jsonl(args.output, records)
     print(f"{len(records)} records -> {args.output}")
     return 0

@@ -287,7 +287,7 @@ def load_benchmark(
     fields), so the demo evaluates on the task its models were trained on.
     """
     if name not in BENCHMARKS:
-        raise KeyError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+        raise PIPOError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     if task and source is None and name.startswith("synthetic_"):
         config = synthetic.ArithmeticConfig(**task)
         kind = name.removeprefix("synthetic_")

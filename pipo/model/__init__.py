@@ -5,8 +5,9 @@ submodules import without pulling in transformers.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pipo.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from pipo.model.config import PIPOConfig
@@ -23,10 +24,4 @@ _SOURCES = {
 }
 __all__ = sorted(_SOURCES)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _SOURCES:
-        value = getattr(importlib.import_module(_SOURCES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pipo.model' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _SOURCES)

@@ -11,6 +11,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from pipo.chat import ROLES, check_messages
+from pipo.errors import InputError
 from pipo.model.sampling import SamplingParams
 
 
@@ -61,24 +63,12 @@ def _number(body: dict, name: str, default, *, low=None, high=None, integer=Fals
 
 
 def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(422, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-            raise RequestError(422, f"messages[{i}].role must be one of system/developer/user/assistant/tool",
-                               f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise RequestError(422, f"messages[{i}].content parts must be text parts", f"messages[{i}].content")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise RequestError(422, f"messages[{i}].content must be a string", f"messages[{i}].content")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    return out
+    """The chat of a request (`developer` is OpenAI's newer name for `system`); text content parts are joined."""
+    try:
+        messages = check_messages(body.get("messages"), roles=(*ROLES, "developer"), text_parts=True)
+    except InputError as e:
+        raise RequestError(422, str(e), e.field) from None
+    return [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
 
 
 def _prompt(body: dict) -> str | list[int]:

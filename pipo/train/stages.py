@@ -26,6 +26,7 @@ import torch
 
 from pipo.errors import PIPOError
 from pipo.jsonl import atomic_write_text
+from pipo.provenance import add_file_stats
 from pipo.train.merge import merge_adapter
 from pipo.train.settings import TrainSettings, check_field_types
 from pipo.train.tracking_callback import tracking_env
@@ -255,9 +256,7 @@ def stage_fingerprint(config: SFTStageConfig) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     inputs = [config.model, config.dataset, getattr(config, "teacher", "")]
     for root in (Path(path) for path in inputs if path and Path(path).exists()):
-        for path in _input_files(root):
-            stat = path.stat()
-            digest.update(f"{path.relative_to(root) if path != root else ''}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        add_file_stats(digest, root, _input_files(root))
     return digest.hexdigest()
 
 

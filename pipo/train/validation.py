@@ -9,37 +9,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipo.errors import PadTokenError, PIPOError
+from pipo.chat import check_messages
+from pipo.errors import InputError, PadTokenError, PIPOError
 from pipo.jsonl import numbered_jsonl
 
 
-def _messages(row: Mapping[str, Any], where: str) -> list[Mapping[str, Any]]:
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise PIPOError(f"{where}: no 'messages' list (rows are chat messages)")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise PIPOError(f"{where}: message {i} needs 'role' and 'content' strings")
-    return messages
-
-
-def check_sft_row(row: Mapping[str, Any], where: str) -> None:
+def check_sft_row(row: Mapping[str, Any], file: str | Path, number: int) -> None:
     """An SFT row ends with a non-empty assistant turn that follows a user turn."""
-    messages = _messages(row, where)
+    messages = check_messages(row.get("messages"), file=file, row=number)
     last = messages[-1]
     if last["role"] != "assistant":
-        raise PIPOError(f"{where}: no assistant turn at the end (last role is {last['role']!r}); SFT needs a response")
-    if not str(last["content"]).strip():
-        raise PIPOError(f"{where}: the assistant turn is empty")
+        raise InputError(f"no assistant turn at the end (last role is {last['role']!r}); SFT needs a response",
+                         file=file, row=number, field="messages")
+    if not last["content"].strip():
+        raise InputError("the assistant turn is empty", file=file, row=number, field="messages")
     if not any(m["role"] == "user" for m in messages[:-1]):
-        raise PIPOError(f"{where}: no user turn before the assistant turn")
+        raise InputError("no user turn before the assistant turn", file=file, row=number, field="messages")
 
 
-def check_prompt_row(row: Mapping[str, Any], where: str) -> None:
+def check_prompt_row(row: Mapping[str, Any], file: str | Path, number: int) -> None:
     """An OPD row has a user turn (a trailing assistant turn is allowed and replaced by the rollout)."""
-    if not any(m["role"] == "user" for m in _messages(row, where)):
-        raise PIPOError(f"{where}: no user turn to roll out from")
+    if not any(m["role"] == "user" for m in check_messages(row.get("messages"), file=file, row=number)):
+        raise InputError("no user turn to roll out from", file=file, row=number, field="messages")
 
 
 def validate_jsonl(path: str | Path, kind: str) -> int:
@@ -50,7 +41,7 @@ def validate_jsonl(path: str | Path, kind: str) -> int:
         raise PIPOError(f"{kind} dataset {path} does not exist")
     count = 0
     for number, row in numbered_jsonl(path):
-        check(row, f"{path} row {number}")
+        check(row, path, number)
         count += 1
     if count == 0:
         raise PIPOError(f"{kind} dataset {path} has no rows")
