@@ -1,7 +1,9 @@
 """Start-up cost: the package, the `pipo` parser and the workflow helpers import without torch or transformers,
-and `import pipo` alone still lets transformers' Auto classes load a PIPO checkpoint."""
+and `import pipo` alone still lets transformers' Auto classes load a PIPO checkpoint. The import graph: each
+package imports only from the floors below it (README's package map)."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -12,6 +14,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "swift", "pandas", "mlflow")
+
+# The floors of the house, ground first: a module may import from its own floor's packages only within its
+# package (the ground floor counts as one), and from any floor below. `pipo.cli` assembles every sub-command
+# by name (importlib), so it is not in this graph.
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("pipo",),  # the package root and its plain modules: errors, jsonl, lazy, chat, provenance, tracking
+    ("pipo.model",),
+    ("pipo.engine", "pipo.data"),
+    ("pipo.train", "pipo.eval"),
+    ("pipo.serve", "pipo.report"),
+    ("pipo.cli",),
+    ("pipo.workflow",),
+)
 
 
 def run_python(code: str) -> str:
@@ -61,3 +76,62 @@ assert type(model) is PIPOForCausalLM and type(config) is type(model.config), (t
 print(type(model).__name__)
 """
     assert run_python(code).strip() == "PIPOForCausalLM"
+
+
+def package_of(module: str) -> str:
+    """The floor entry a module belongs to: `pipo.model.pairs` -> `pipo.model`; the ground floor's plain
+    modules (`pipo.jsonl`) -> `pipo`; `pipo.report`, `pipo.cli`, `pipo.workflow` -> themselves."""
+    parts = module.split(".")
+    for entry in (".".join(parts[:2]), parts[0]):
+        if any(entry in floor for floor in FLOORS):
+            return entry
+    raise AssertionError(f"{module}: on no floor of FLOORS; add it")
+
+
+def floor_of(package: str) -> int:
+    return next(i for i, floor in enumerate(FLOORS) if package in floor)
+
+
+def pipo_imports(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, module) of every absolute `pipo` import, also inside functions, except type-only ones."""
+    found: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            return
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "pipo":
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            found.extend((node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "pipo")
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def upward_imports(root: Path) -> list[str]:
+    """`file:line: importer -> imported` for each import of a package on the same or a higher floor."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        own = package_of(module)
+        for line, target in pipo_imports(ast.parse(path.read_text(encoding="utf-8"))):
+            other = package_of(target)
+            if other != own and floor_of(other) >= floor_of(own):
+                bad.append(f"{path.relative_to(root.parent)}:{line}: {own} -> {other}")
+    return bad
+
+
+def test_every_import_goes_down_the_floors():
+    """model, engine and data never import eval, report or workflow; the ground floor imports nothing above it."""
+    assert upward_imports(REPO / "pipo") == []
+
+
+def test_an_upward_import_is_reported(tmp_path):
+    for name, text in (("errors.py", ""), ("model/__init__.py", ""), ("model/pairs.py", "import pipo.report\n"),
+                       ("report.py", "def f():\n    from pipo.eval import metrics\n"),
+                       ("eval/__init__.py", ""), ("eval/metrics.py", "from pipo.errors import PIPOError\n")):
+        (tmp_path / "pipo" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pipo" / name).write_text(text)
+    assert upward_imports(tmp_path / "pipo") == ["pipo/model/pairs.py:1: pipo.model -> pipo.report"]
