@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
 
 from pipo.model.modeling import PIPOForCausalLM
-from pipo.testing import add_tensors, default_corpus, native_mtp_state, train_tokenizer
+from pipo.model.tiny import add_tensors, default_corpus, native_mtp_state, train_tokenizer
 
 
 def qwen35_config(vocab: int, pad: int, eos: int, hidden: int, layers: int) -> Qwen3_5TextConfig:
