@@ -10,11 +10,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipo.engine.decoding import speculative_accept
     from pipo.engine.blocks import BlockPool, PrefixCache
     from pipo.engine.engine import Engine, Update, open_engine
     from pipo.engine.parts import build_native_mtp, load_regular
     from pipo.engine.sequence import Completion, RequestStats
+    from pipo.model.sampling import speculative_accept
 
 METHODS = ("regular", "pipo", "mtp", "eagle")
 
@@ -29,7 +29,7 @@ _SOURCES = {
     "build_native_mtp": "pipo.engine.parts",
     "load_regular": "pipo.engine.parts",
     "open_engine": "pipo.engine.engine",
-    "speculative_accept": "pipo.engine.decoding",
+    "speculative_accept": "pipo.model.sampling",
 }
 __all__ = ["METHODS", *sorted(_SOURCES)]
 
