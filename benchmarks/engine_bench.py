@@ -75,11 +75,11 @@ def step_bytes(method: str, cfg, pipo: PIPOForCausalLM, batch: int, ctx: int, k:
     return body + lm + batch * (kv_entry * ctx * full + state * linear)
 
 
-def place(engine: Engine, batch: int, ctx: int) -> dict[int, Sequence]:
+def place(engine: Engine, batch: int, ctx: int, params: SamplingParams = SamplingParams()) -> dict[int, Sequence]:
     """Sequences in slots [0, batch) positioned at context `ctx`, each with the KV blocks it reads and writes,
-    sampling at temperature 1 (values do not change a step's work)."""
+    sampling with `params` (values do not change a step's work; the transforms they ask for do)."""
     dec = engine.decoder
-    dec.set_mode(SamplingMode.of([SamplingParams()]))
+    dec.set_mode(SamplingMode.of([params]))
     units = ctx // dec.unit_width
     seqs = {}
     for slot in range(batch):
@@ -88,17 +88,18 @@ def place(engine: Engine, batch: int, ctx: int) -> dict[int, Sequence]:
         seq.length = units
         seq.blocks = engine.pool.take(-(-min(units + 2 * dec.room, dec.capacity) // dec.block_size))
         dec.tables[slot, : len(seq.blocks)] = torch.tensor(seq.blocks, device=dec.device)
-        dec.set_row(slot, SamplingParams(), slot)
+        dec.set_row(slot, params, slot)
         seqs[slot] = seq
     dec.lengths[:batch] = units
     return seqs
 
 
-def time_steps(engine: Engine, batch: int, ctx: int, steps: int) -> tuple[float, float]:
+def time_steps(engine: Engine, batch: int, ctx: int, steps: int,
+               params: SamplingParams = SamplingParams()) -> tuple[float, float]:
     """Seconds per decode step and tokens emitted per step, every slot active at context `ctx`."""
     dec = engine.decoder
     units = ctx // dec.unit_width
-    seqs = place(engine, batch, ctx)
+    seqs = place(engine, batch, ctx, params)
     in_flight = None
     for i in range(steps + 3):
         if i == 3:
@@ -123,16 +124,17 @@ def time_steps(engine: Engine, batch: int, ctx: int, steps: int) -> tuple[float,
     return per_step, emitted
 
 
-def profile_steps(engine: Engine, batch: int, ctx: int, path: str, steps: int = 5) -> str:
+def profile_steps(engine: Engine, batch: int, ctx: int, path: str, steps: int = 5,
+                  params: SamplingParams = SamplingParams()) -> str:
     """Kernel table (sorted by GPU time) of `steps` decode steps, written to `path`; returns a short summary.
 
     The summary compares the GPU time of the kernels with the wall time, so launch gaps
     and host work between steps show as the difference.
     """
-    time_steps(engine, batch, ctx, 2)
+    time_steps(engine, batch, ctx, 2, params)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        wall, _ = time_steps(engine, batch, ctx, steps)
+        wall, _ = time_steps(engine, batch, ctx, steps, params)
     events = prof.key_averages()
     table = events.table(sort_by="self_device_time_total", row_limit=60)
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -140,7 +142,7 @@ def profile_steps(engine: Engine, batch: int, ctx: int, path: str, steps: int = 
     launches = sum(e.count for e in kernels) / (steps + 3)
     with open(path, "w") as f:
         f.write(table)
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
     lines = [f"  {e.self_device_time_total / 1e3 / (steps + 3):7.3f} ms x{e.count / (steps + 3):5.0f}  {e.key[:90]}"
              for e in top]
     return "\n".join([f"wall {1e3 * wall:.2f} ms/step, kernels {gpu_ms:.2f} ms/step, {launches:.0f} kernels/step",
@@ -179,7 +181,10 @@ def main() -> None:
     parser.add_argument("--hf-contexts", default="512", help="contexts at which HF generate runs")
     parser.add_argument("--methods", default="regular,pipo,eagle")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--profile-dir", default=None, help="write kernel tables of batch-1 steps here")
+    parser.add_argument("--profile-dir", default=None, help="write kernel tables of steps at --profile-batches here")
+    parser.add_argument("--profile-batches", default="1")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sampling of the timed steps (temperature 1)")
+    parser.add_argument("--top-k", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = qwen35_4b_config(args.layers)
@@ -194,6 +199,7 @@ def main() -> None:
     info = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
             "bandwidth_TBps": bandwidth / 1e12, "fla": fla_ops() is not None, "torch": torch.__version__}
     print(json.dumps(info))
+    params = SamplingParams(temperature=1.0, top_p=args.top_p, top_k=args.top_k)
     rows = []
     for batch in map(int, args.batches.split(",")):
         for ctx in map(int, args.contexts.split(",")):
@@ -206,10 +212,11 @@ def main() -> None:
                     engine = Engine(model, method, mtp_head=native_mtp if method == "eagle" else None,
                                     max_batch_size=batch, max_seq_len=ctx + 64, eagle_k=args.eagle_k,
                                     prefix_cache_size=0, eos_token_ids=[], **opts)
-                    sec, tokens = time_steps(engine, batch, ctx, args.steps)
-                    if args.profile_dir and batch == 1:
+                    sec, tokens = time_steps(engine, batch, ctx, args.steps, params)
+                    if args.profile_dir and str(batch) in args.profile_batches.split(","):
                         path = f"{args.profile_dir}/profile_{method}_b{batch}_{ctx}.txt"
-                        print(f"profile {method} b{batch} ctx {ctx}:", profile_steps(engine, batch, ctx, path), flush=True)
+                        print(f"profile {method} b{batch} ctx {ctx}:",
+                              profile_steps(engine, batch, ctx, path, params=params), flush=True)
                     row[method].update(ms_step=1e3 * sec, tok_s=tokens / sec, vs_floor=sec / floor)
                     if batch == 1 and str(ctx) in args.ttft_contexts.split(",") and method != "eagle":
                         row[method]["ttft_s"] = ttft(engine, ctx)

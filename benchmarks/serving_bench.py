@@ -68,8 +68,7 @@ def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int,
     params = SamplingParams(temperature=1.0, top_p=0.95, top_k=20)
     for i, ids in enumerate(prompts):
         for j in range(4):
-            engine.add_request(f"{i}.{j}", ids, params, max_new_tokens=lengths[4 * i + j], seed=i * 4 + j,
-                               detokenize=False)
+            engine.add_request(f"{i}.{j}", ids, params, max_new_tokens=lengths[4 * i + j], seed=i * 4 + j)
     torch.cuda.reset_peak_memory_stats()
     for _ in range(20):  # warm-up: first prefills, compilation of new shapes
         engine.step()

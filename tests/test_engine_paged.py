@@ -10,6 +10,7 @@ from pipo.engine import Engine, load_regular
 from pipo.errors import PIPOError
 from pipo.model.reference import generate_mtp_reference, generate_pipo_reference, generate_regular_reference
 from pipo.model.sampling import GREEDY, SamplingParams
+from pipo.serve.stream import TextStream
 
 EOS = [2]
 # mixed lengths, a prompt that extends another (prefix hit), a repeated prompt (full hit)
@@ -112,10 +113,12 @@ def test_request_api_streams_and_aborts(qwen_regular):
     finished = {}
     while engine.has_unfinished():
         for u in engine.step():
-            ids, text = streamed.setdefault((u.request_id, u.sample), ([], []))
+            ids, text, stream = streamed.setdefault((u.request_id, u.sample),
+                                                    ([], [], TextStream(engine.tokenizer, (), False, False)))
             ids += u.token_ids
-            text.append(u.text)
+            text.append(stream.push(ids)[1])
             if u.finished:
+                text.append(stream.finish(u.completion.text)[1])
                 finished[(u.request_id, u.sample)] = u.completion
         if ("a", 0) in finished and "b" in engine.requests:
             engine.abort("b")

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from pipo.lazy import lazy_getattr
 
 if TYPE_CHECKING:
-    from pipo.engine.decoding import speculative_accept
     from pipo.engine.blocks import BlockPool, PrefixCache
     from pipo.engine.engine import Engine, Update, open_engine
     from pipo.engine.parts import build_native_mtp, load_regular
     from pipo.engine.sequence import Completion, RequestStats
+    from pipo.model.sampling import speculative_accept
 
 METHODS = ("regular", "pipo", "mtp", "eagle")
 
@@ -30,7 +30,7 @@ _SOURCES = {
     "build_native_mtp": "pipo.engine.parts",
     "load_regular": "pipo.engine.parts",
     "open_engine": "pipo.engine.engine",
-    "speculative_accept": "pipo.engine.decoding",
+    "speculative_accept": "pipo.model.sampling",
 }
 __all__ = ["METHODS", *sorted(_SOURCES)]
 

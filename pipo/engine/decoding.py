@@ -5,8 +5,10 @@ running sequence (linear-attention states, last hidden, presence marks, sampling
 parameters and seed). `prefill_chunk` runs a slot's prompt positions `[lo, hi)` (and
 the MTP head's cache over the prompt's gold tokens); `first` samples the first token(s)
 of a prefilled slot; `step` advances every active slot in rows `[0, B)` by one backbone
-pass. Model calls of a decode step go through `GraphedFn`, which replays CUDA graphs
-captured per batch-size bucket on GPU and runs eagerly elsewhere.
+pass. Model calls of a decode step go through `graphs.GraphedFn`, which replays CUDA graphs
+captured per batch-size bucket on GPU and runs eagerly elsewhere; `graphs.launch` starts the
+copy of a step's values to the host. Speculative acceptance (EAGLE) lives with the sampling
+code in `pipo.model.sampling`.
 
 Sampling is per row: each slot carries its own `SamplingParams` as tensors and its own
 seed, and every draw is counter-based noise of (seed, the row's cache length, a salt per
@@ -14,11 +16,11 @@ draw of the step), so a sequence's tokens do not depend on its batch, slot or pr
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from pipo.engine.graphs import GraphedFn, Launched, launch
 from pipo.engine.parts import ModelParts
 from pipo.engine.sequence import Sequence
 from pipo.engine.stack import PagedStack
@@ -28,10 +30,10 @@ from pipo.model.sampling import (
     SamplingParams,
     row_probabilities,
     row_uniforms,
-    sample,
     sample_probs,
     sample_rows,
     seed32,
+    speculative_accept,
 )
 
 
@@ -43,98 +45,6 @@ class DecodeConfig:
     compile_layers: bool = False  # torch.compile the layers' pure segments (GPU: fuses the small kernels)
     block_size: int = 32  # positions per KV block
     num_blocks: int = 0  # KV blocks in the pool (block 0 included)
-
-
-class GraphedFn:
-    """`fn(rows, kv_len, *tensors)`; replays a CUDA graph when one was captured for these rows and shapes."""
-
-    def __init__(self, fn: Callable, pool=None) -> None:
-        self.fn = fn
-        self.pool = pool
-        self.graphs: dict = {}
-
-    @staticmethod
-    def _key(rows: slice, kv_len: int, tensors) -> tuple:
-        return rows.start, rows.stop, kv_len, tuple(tuple(t.shape) for t in tensors)
-
-    def output(self, rows: slice, kv_len: int, *examples: torch.Tensor):
-        """The static outputs of the graph captured for these rows and shapes."""
-        return self.graphs[self._key(rows, kv_len, examples)][2]
-
-    def capture(self, rows: slice, kv_len: int, *examples: torch.Tensor, share: bool = False) -> None:
-        """`share`: the examples themselves become the static inputs (another graph's static outputs,
-        which then need no copy on replay); else copies of them."""
-        static = list(examples) if share else [t.clone() for t in examples]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: kernel selection and Triton autotuning stay out of the graph
-                self.fn(rows, kv_len, *static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(rows, kv_len, *static)
-        self.graphs[self._key(rows, kv_len, static)] = (graph, static, out)
-
-    def __call__(self, rows: slice, kv_len: int, *tensors: torch.Tensor):
-        entry = self.graphs.get(self._key(rows, kv_len, tensors))
-        if entry is None:
-            return self.fn(rows, kv_len, *tensors)
-        graph, static, out = entry
-        for dst, src in zip(static, tensors):
-            if dst.data_ptr() != src.data_ptr() or dst.stride() != src.stride():
-                dst.copy_(src)
-        graph.replay()
-        return out
-
-
-def speculative_accept(
-    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None = None,
-    uniforms: torch.Tensor | None = None, residual_uniforms: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative rejection sampling: target probs `p` [B, k+1, V], draft probs `q` [B, k, V], drafts [B, k].
-
-    Draft i is kept with probability min(1, p_i(d)/q_i(d)) while all before it were; the
-    first rejection resamples from norm(max(p - q, 0)), and if all k survive a bonus token
-    comes from p_k. The emitted tokens are then distributed exactly as sampling from `p`.
-    Returns (accepted count a [B], next token [B]). Draws come from `uniforms` [B, k] and
-    `residual_uniforms` [B, V] (counter-based) when given, else from `generator`.
-    """
-    batch, k = drafts.shape
-    pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
-    qd = q.gather(-1, drafts[..., None]).squeeze(-1)
-    u = uniforms if uniforms is not None else torch.rand(qd.shape, generator=generator, device=qd.device)
-    accepted = (u * qd < pd).int().cumprod(-1).sum(-1)
-    rows = torch.arange(batch, device=p.device)
-    target = p[rows, accepted]
-    q_at = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, accepted]
-    residual = (target - q_at).clamp_min(0)
-    mass = residual.sum(-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target)
-    if residual_uniforms is not None:
-        return accepted, sample_probs(residual, residual_uniforms)
-    return accepted, sample(residual, generator)
-
-
-@dataclass
-class Launched:
-    """A decode step queued on the device: its sampled values [B, n] on their way to the host.
-
-    `seqs` is the step's slot -> sequence map as it was at launch; `emit(seqs, rows)` hands
-    the values to the sequences that have not finished meanwhile (the engine launches step
-    t+1 before it reads step t, so a sequence that stopped at step t had step t+1 computed:
-    its values are dropped, and its slot is reset when the next request takes it).
-    """
-
-    seqs: dict
-    values: torch.Tensor
-    emit: Callable
-    event: torch.cuda.Event | None = None
-
-    def finish(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-        self.emit(self.seqs, self.values.tolist())
 
 
 class Decoder:
@@ -299,16 +209,6 @@ class Decoder:
     def pick(self, logits: torch.Tensor, rows: slice, salt: int) -> torch.Tensor:
         return sample_rows(logits, self.row[rows], self.mode, self.uniforms(rows, salt), self.banned, self.seen[rows])
 
-    def launched(self, seqs: dict[int, Sequence], values: torch.Tensor, emit: Callable) -> Launched:
-        """Start the copy of a step's values [B, n] to the host; `Launched.finish` waits for it."""
-        if values.is_cuda:
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return Launched(dict(seqs), host, emit, event)
-        return Launched(dict(seqs), values.clone(), emit)
-
     def live(self, seqs: dict[int, Sequence], values: list, stepped: bool, width: int):
         """`(sequence, its values)` for sequences still running; a `stepped` pass counts and grows them by `width`.
 
@@ -450,7 +350,7 @@ class RegularDecoder(Decoder):
         rows, kv_len = slice(0, batch), self.kv_len(seqs)
         _, logits = self.backbone_step(rows, kv_len, self.pending[:batch, :1], self.positions(batch, 1))
         self.advance(batch, 1)
-        return self.launched(seqs, self.sampler["sample_next"](rows, kv_len, logits[:, -1]), self._emit)
+        return launch(seqs, self.sampler["sample_next"](rows, kv_len, logits[:, -1]), self._emit)
 
     def _emit(self, seqs: dict[int, Sequence], values: list, stepped: bool = True) -> None:
         for seq, value in self.live(seqs, values, stepped, 1):
@@ -528,7 +428,7 @@ class PipoDecoder(Decoder):
         rows, kv_len = slice(0, batch), self.kv_len(seqs)
         hidden, logits = self.backbone_step(rows, kv_len, self.pending[:batch, :2], self.positions(batch, 1))
         self.advance(batch, 1)
-        return self.launched(seqs, self._pair(rows, hidden, logits[:, -1], kv_len, self.sampler), self._emit)
+        return launch(seqs, self._pair(rows, hidden, logits[:, -1], kv_len, self.sampler), self._emit)
 
     def _pair(self, rows, hidden, logits, kv_len, fns) -> torch.Tensor:
         """Sample token1 from the backbone, then draft token2 with the MTP head and gate it by confidence:
@@ -591,7 +491,7 @@ class MTPDecoder(Decoder):
         self.mark_seen(rows, token)
         # MTP entries t and t+1: (x_{t+1}, h_t) and (the new token, h_{t+1})
         tokens = torch.stack([pending[:, 1], token], dim=1)
-        return self.launched(seqs, self._draft(rows, token, tokens, hidden, positions, kv_len), self._emit)
+        return launch(seqs, self._draft(rows, token, tokens, hidden, positions, kv_len), self._emit)
 
     def _draft(self, rows, token, tokens, hidden, positions, kv_len) -> torch.Tensor:
         _, logits = self.mtp_step(rows, kv_len, tokens, hidden, positions)
@@ -697,7 +597,7 @@ class EagleDecoder(Decoder):
         tokens = torch.cat([drafts, drafts[:, :1]], dim=1)
         tokens[index, accepted] = token
         self._draft(rows, token, tokens, hidden, positions, accepted, kv_len)
-        return self.launched(seqs, values, self._emit)
+        return launch(seqs, values, self._emit)
 
     def _emit(self, seqs: dict[int, Sequence], values: list) -> None:
         for slot, seq in seqs.items():

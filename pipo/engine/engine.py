@@ -23,7 +23,7 @@ Request API (what an OpenAI-compatible server drives; `generate` is a loop over 
 
     engine.add_request(request_id, prompt, sampling, max_new_tokens, n=1, stop=(), stop_token_ids=(), seed=None)
     while engine.has_unfinished():
-        for update in engine.step():   # `Update`s: per request sample, the new token ids and text
+        for update in engine.step():   # `Update`s: per request sample, the new token ids
             ...                        # since the last step, finished flag, finish_reason, stats
     engine.abort(request_id)           # frees its blocks at once
 
@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pipo.engine.blocks import BlockPool, CachedPrompt, PrefixCache
-from pipo.engine.decoding import DECODERS, DecodeConfig, Launched
+from pipo.engine.decoding import DECODERS, DecodeConfig
+from pipo.engine.graphs import Launched
 from pipo.engine.parts import ModelParts, Prompt, encode_prompt, load_parts, load_tokenizer, parts_from_models
 from pipo.engine.parts import eos_token_ids as eos_token_ids_of
 from pipo.engine.sequence import Completion, RequestStats, Sequence, StopStrings
@@ -64,7 +65,6 @@ class Update:
     request_id: str
     sample: int
     token_ids: list[int]  # new visible tokens since the last update
-    text: str  # new text since the last update ("" for requests added with detokenize=False)
     finished: bool
     finish_reason: str | None
     stats: RequestStats
@@ -276,9 +276,9 @@ class Engine:
         stop: Seq[str] = (),
         stop_token_ids: Seq[int] = (),
         seed: int | None = None,
-        detokenize: bool = True,
     ) -> None:
-        """Queue `n` samples of a prompt; `seed` None draws one at random. Updates come from `step()`."""
+        """Queue `n` samples of a prompt; `seed` None draws one at random. Updates come from `step()` (token ids;
+        `pipo.serve.stream.TextStream` turns them into text deltas)."""
         if n < 1 or max_new_tokens < 1:
             raise PIPOError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
         if request_id in self.requests:
@@ -294,10 +294,8 @@ class Engine:
         stop_strings = StopStrings(self.tokenizer, tuple(stop))
         seqs = []
         for j in range(n):
-            seq = Sequence(0, j, list(ids), tuple(units), budget, stops, stop_strings, request_id=request_id,
-                           params=sampling, seed=derive_seed(seed, j), feed=tuple(units))
-            seq.text_offsets = (0, 0, 0) if detokenize else (-1, -1, -1)
-            seqs.append(seq)
+            seqs.append(Sequence(0, j, list(ids), tuple(units), budget, stops, stop_strings, request_id=request_id,
+                                 params=sampling, seed=derive_seed(seed, j), feed=tuple(units)))
         self.requests[request_id] = seqs
         self.waiting.extend(seqs)
         self.queued_prompts[seqs[0].units] += n
@@ -368,8 +366,7 @@ class Engine:
         seeds = list(seeds) if seeds is not None else [derive_seed(seed, i) for i in range(len(encoded))]
         base = f"generate-{id(encoded)}-"
         for i, ids in enumerate(encoded):
-            self.add_request(base + str(i), ids, sampling, max_new_tokens, n, stop, stop_token_ids, seeds[i],
-                             detokenize=False)
+            self.add_request(base + str(i), ids, sampling, max_new_tokens, n, stop, stop_token_ids, seeds[i])
         results: list[list[Completion | None]] = [[None] * n for _ in encoded]
         with tqdm(total=len(encoded) * n, disable=not progress, desc=f"generate ({self.method})") as bar:
             while self.has_unfinished():
@@ -580,30 +577,14 @@ class Engine:
                 completion = seq.completion(self.tokenizer)
                 seq.closed = True
                 self._forget(seq)
-            updates.append(Update(seq.request_id, seq.sample, new, self._text_delta(seq, completion), seq.done,
-                                  seq.finish_reason, seq.stats, completion))
+            updates.append(Update(seq.request_id, seq.sample, new, seq.done, seq.finish_reason, seq.stats,
+                                  completion))
         return updates
 
     def _forget(self, seq: Sequence) -> None:
         seqs = self.requests.get(seq.request_id)
         if seqs is not None and all(s.done for s in seqs):
             del self.requests[seq.request_id]
-
-    def _text_delta(self, seq: Sequence, completion: Completion | None) -> str:
-        """Text added since the last update, decoded incrementally (a few tokens back, so that multi-token
-        characters come out whole); the last update adds what the final text holds beyond it."""
-        prefix, read, sent = seq.text_offsets
-        if prefix < 0 or self.tokenizer is None:
-            return ""
-        if completion is not None:
-            seq.text_offsets = (prefix, read, len(completion.text))
-            return completion.text[sent:]
-        before = self.tokenizer.decode(seq.tokens[prefix:read])
-        after = self.tokenizer.decode(seq.tokens[prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd") or seq.stop_strings.stops:
-            return ""  # incomplete character, or text held back until stop strings are settled
-        seq.text_offsets = (read, len(seq.tokens), sent + len(after) - len(before))
-        return after[len(before):]
 
     def _recover_from_oom(self, error: torch.OutOfMemoryError) -> None:
         """Free what the failed step held: the step in flight is dropped and every admitted sequence is

@@ -87,7 +87,6 @@ class Sequence:
     prefilled: int = 0  # backbone positions of `feed` in the cache
     order: int = 0  # admission counter: the newest admitted is preempted first
     reported: int = 0  # tokens already handed out by `Engine.step`
-    text_offsets: tuple[int, int, int] = (0, 0, 0)  # incremental detokenisation: prefix, read, characters sent
     closed: bool = False  # its last update was handed out
 
     @property

@@ -282,3 +282,31 @@ def row_probabilities(
 def sample_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One id per row of `probs` [B, V] by the exponential race with counter-based `uniforms` [B, V]."""
     return (probs / -uniforms.log()).argmax(-1)
+
+
+def speculative_accept(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None, residual_uniforms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative rejection sampling: target probs `p` [B, k+1, V], draft probs `q` [B, k, V], drafts [B, k].
+
+    Draft i is kept with probability min(1, p_i(d)/q_i(d)) while all before it were; the
+    first rejection resamples from norm(max(p - q, 0)), and if all k survive a bonus token
+    comes from p_k. The emitted tokens are then distributed exactly as sampling from `p`.
+    Returns (accepted count a [B], next token [B]). Draws come from `uniforms` [B, k] and
+    `residual_uniforms` [B, V] (counter-based) when given, else from `generator`.
+    """
+    batch, k = drafts.shape
+    pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    qd = q.gather(-1, drafts[..., None]).squeeze(-1)
+    u = uniforms if uniforms is not None else torch.rand(qd.shape, generator=generator, device=qd.device)
+    accepted = (u * qd < pd).int().cumprod(-1).sum(-1)
+    rows = torch.arange(batch, device=p.device)
+    target = p[rows, accepted]
+    q_at = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, accepted]
+    residual = (target - q_at).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target)
+    if residual_uniforms is not None:
+        return accepted, sample_probs(residual, residual_uniforms)
+    return accepted, sample(residual, generator)

@@ -112,7 +112,7 @@ class EngineRunner:
             prompt_ids = self._encode(request)
             self.engine.add_request(
                 request_id, prompt_ids, request.sampling, self._max_tokens(request, prompt_ids), n=request.n,
-                stop=request.stop, stop_token_ids=request.stop_token_ids, seed=request.seed, detokenize=False,
+                stop=request.stop, stop_token_ids=request.stop_token_ids, seed=request.seed,
             )
         except RequestError as err:
             self._send(live, Event("error", error=err))
