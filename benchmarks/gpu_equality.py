@@ -1,6 +1,6 @@
 """GPU check of the paged engine: greedy outputs equal the reference generators for every method.
 
-A tiny random Qwen3.5-shaped checkpoint (`pipo.testing.make_tiny_backbone`), fp32 on both sides
+A tiny random Qwen3.5-shaped checkpoint (`pipo.model.tiny.make_tiny_backbone`), fp32 on both sides
 (TF32 off) so that ties cannot differ by rounding; the engine runs its GPU path (CUDA graphs,
 the Triton paged decode kernel over blocks of 16, fla's gated-delta kernels when installed)
 with a pool small enough that sequences are preempted, n = 2 samples sharing prompt blocks.
@@ -20,7 +20,7 @@ from pipo.engine import Engine, load_regular
 from pipo.model.modeling import PIPOForCausalLM
 from pipo.model.reference import generate_mtp_reference, generate_pipo_reference, generate_regular_reference
 from pipo.model.sampling import GREEDY
-from pipo.testing import make_tiny_backbone
+from pipo.model.tiny import make_tiny_backbone
 
 EOS = [2]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], list(range(30, 52)), [5, 6, 7, 8, 9, 10, 11, 12, 13], [100],
