@@ -1,4 +1,5 @@
-"""The PIPO architecture: config, compressor, MTP and confidence heads, `PIPOForCausalLM`, reference generators.
+"""The PIPO architecture: config, compressor, MTP and confidence heads, `PIPOForCausalLM`, losses, the pair
+layout (`pairs`), reference generators, tiny random backbones (`tiny`).
 
 The names below load on first access (PEP 562), so `pipo.model.sampling` and the other
 submodules import without pulling in transformers.
