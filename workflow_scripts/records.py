@@ -1,7 +1,7 @@
 """Rules prompts / benchmark: a prompt source or a benchmark as normalised records (JSONL)."""
-from pipo.jsonl import write_jsonl
 from pipo.data.sources import load_prompt_source
 from pipo.eval.tasks import load_benchmark
+from pipo.jsonl import write_jsonl
 from pipo.workflow import rule_script
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
