@@ -1,8 +1,8 @@
 """The `pipo` command: every pipeline stage runnable by hand.
 
 Each stage group owns its sub-commands in a module exposing `register(subparsers)`
-(its `cli` module; `pipo.report` registers `pipo report` itself); this file only assembles them. Expected errors (bad input,
-missing files, mismatched settings) end as one line on stderr,
+(its `cli` module; `pipo.report` registers `pipo report` itself); this file only assembles
+them. Expected errors (bad input, missing files, mismatched settings) end as one line on stderr,
 `pipo <command>: <file>:<row>: <field>: <problem>`, with exit code 2; `--debug`
 shows the traceback instead.
 """
