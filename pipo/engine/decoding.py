@@ -1,4 +1,4 @@
-"""The four decoding methods as batched steps over paged KV caches (spec section 6).
+"""The four decoding methods as batched steps over paged KV caches (docs/method.md section 6).
 
 A decoder owns the KV block pools, the block tables and the per-slot state of every
 running sequence (linear-attention states, last hidden, presence marks, sampling
