@@ -130,3 +130,25 @@ def test_hub_id_resolves_through_huggingface_hub_cache(backbone_dir, tmp_path, m
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     model = PIPOForCausalLM.from_backbone("tiny-org/tiny-qwen")
     assert model.config.mtp_init == "native" and model.config.text_config.model_type == "qwen3_5_text"
+
+
+@pytest.mark.parametrize("compressor_type", ["mlp", "linear"])
+def test_conversion_builds_in_the_final_dtype_and_initialises_only_the_new_heads(backbone_dir, compressor_type):
+    """Built on the device in bf16 without a random init of the backbone: loaded weights exact, heads as post_init."""
+    path = backbone_dir("qwen3_5")
+    state = load_file(str(path / "model.safetensors"))
+    torch.manual_seed(0)
+    model = PIPOForCausalLM.from_backbone(str(path), compressor_type=compressor_type, dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.config.dtype == torch.bfloat16
+    for key, value in model.model.state_dict().items():
+        torch.testing.assert_close(value, state["model." + key].to(torch.bfloat16), rtol=0, atol=0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    hidden = model.config.text_config.hidden_size
+    eye = torch.eye(hidden, dtype=torch.bfloat16)
+    torch.testing.assert_close(model.compressor.proj.weight, torch.cat([eye, eye], 1), rtol=0, atol=0)
+    torch.testing.assert_close(model.mtp.fc.weight, torch.cat([eye, eye], 1), rtol=0, atol=0)
+    assert torch.equal(model.confidence_head.norm.weight, torch.ones_like(model.confidence_head.norm.weight))
+    std = model.config.text_config.initializer_range
+    for linear in (model.confidence_head.fc1, model.confidence_head.fc2):  # drawn by the backbone's own init
+        assert 0.5 * std < linear.weight.float().std() < 1.5 * std
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # computed, not cast

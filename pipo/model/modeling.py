@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.initialization import no_init_weights
+from transformers.modeling_utils import local_torch_dtype
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
@@ -318,12 +320,16 @@ class PIPOForCausalLM(PreTrainedModel):
         pad_token_id: int | None = None,
         dtype: torch.dtype | None = None,
         revision: str | None = None,
+        device: str | torch.device | None = None,
     ) -> "PIPOForCausalLM":
         """Convert a regular causal LM (local folder, hub id, or loaded model) into a PIPO model.
 
         Backbone and LM head weights are copied; the MTP head starts from native `mtp.*`
         weights when the checkpoint has them, else from the backbone's last full-attention
         layer. The pad id comes from the argument, else the checkpoint's tokenizer, else its config.
+        The model is built directly on `device` in its final dtype (`dtype`, else the
+        checkpoint's, else float32) and only the new heads are initialised: a 4B backbone
+        built in fp32 on the CPU, randomly initialised and then cast took minutes.
         """
         from pipo.model.conversion import load_backbone_parts
 
@@ -335,15 +341,31 @@ class PIPOForCausalLM(PreTrainedModel):
             mtp_init="native" if parts.mtp_state else "last_full_attention",
         )
         config.text_config._attn_implementation = parts.text_config._attn_implementation
-        model = cls(config)
+        build_dtype = dtype or parts.dtype or torch.float32
+        config.dtype = config.text_config.dtype = build_dtype  # AutoModel.from_config builds the backbone in it
+        with torch.device(device or "cpu"), local_torch_dtype(build_dtype), no_init_weights():
+            model = cls(config)  # parameters allocated, not initialised
         model.load_backbone_state(parts.backbone_state, source=parts.source)
+        model.tie_weights()
+        model.initialize_new_modules()
         if parts.mtp_state:
             model.load_native_mtp(parts.mtp_state, source=parts.source)
         else:
             model.init_mtp_from_last_full_attention()
-        model.tie_weights()
-        target_dtype = dtype or parts.dtype
-        return model.to(target_dtype) if target_dtype is not None else model
+        return model
+
+    @torch.no_grad()
+    def initialize_new_modules(self) -> None:
+        """Initialise what a backbone does not provide (compressor, MTP head, confidence head), as `post_init` would.
+
+        Every backbone module counts as initialised (its weights were just loaded), so
+        `initialize_weights` reaches only the PIPO heads; the compressor then gets the
+        spec's initialisation.
+        """
+        for module in [*self.model.modules(), self.lm_head]:
+            module._is_hf_initialized = True
+        self.initialize_weights()
+        self.compressor.reset_parameters()
 
     def load_backbone_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Copy `model.*` and (untied) `lm_head.weight` from a regular checkpoint; fail on missing weights."""

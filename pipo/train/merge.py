@@ -35,12 +35,19 @@ def peft_ready(model: PIPOForCausalLM) -> PIPOForCausalLM:
     return model
 
 
-def load_pipo_base(model: str, settings: TrainSettings, dtype: torch.dtype | None = None) -> PIPOForCausalLM:
-    """The PIPO model before LoRA: a PIPO checkpoint as is, or a backbone converted the way the loader did."""
+def load_pipo_base(
+    model: str, settings: TrainSettings, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> PIPOForCausalLM:
+    """The PIPO model before LoRA: a PIPO checkpoint as is, or a backbone converted the way the loader did.
+
+    With a `device` the weights are loaded straight onto it (no CPU copy of the whole model first).
+    """
     if is_pipo_checkpoint(model):
-        return peft_ready(PIPOForCausalLM.from_pretrained(model, dtype=dtype))
+        placement = {"device_map": device} if device is not None else {}
+        return peft_ready(PIPOForCausalLM.from_pretrained(model, dtype=dtype, **placement))
     pad_id = require_pad_token(AutoTokenizer.from_pretrained(model), f"model {model}")
-    return peft_ready(PIPOForCausalLM.from_backbone(model, settings.compressor_type, pad_token_id=pad_id, dtype=dtype))
+    return peft_ready(PIPOForCausalLM.from_backbone(model, settings.compressor_type, pad_token_id=pad_id, dtype=dtype,
+                                                    device=device))
 
 
 def load_adapter_model(adapter_dir: str | Path, dtype: torch.dtype | None = None) -> PeftModel:

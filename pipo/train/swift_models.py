@@ -57,9 +57,8 @@ class PIPOModelLoader(ModelLoader):
         route_gated_delta_rule()  # the student trains: its linear attention needs a working backward
         dtype = model_kwargs.get("dtype", model_kwargs.get("torch_dtype"))
         settings = TrainSettings(compressor_type=config.compressor_type)
-        model = load_pipo_base(model_dir, settings, None if dtype == "auto" else dtype)
-        device = _target_device(model_kwargs.get("device_map"))
-        return model.to(device) if device is not None else model
+        return load_pipo_base(model_dir, settings, None if dtype == "auto" else dtype,
+                              _target_device(model_kwargs.get("device_map")))
 
 
 def register_models() -> None:
