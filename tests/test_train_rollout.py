@@ -1,10 +1,13 @@
 """OPD rollouts go through the batched engine and equal the reference generator on a LoRA-wrapped student."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from pipo.engine import Engine
 from pipo.model.sampling import GREEDY, SamplingParams
 from pipo.train import student_rollout
 from pipo.train.merge import peft_ready
@@ -94,3 +97,58 @@ def test_model_on_several_devices_uses_the_reference():
 
     assert "one device" in student_rollout.engine_unsupported(TwoDevices())
     assert student_rollout.engine_unsupported(torch.nn.Linear(1, 1)) is None
+
+
+def test_one_engine_across_steps_decodes_the_updated_weights(pipo_model, monkeypatch):
+    """Two OPD steps: the engine is built once, and the second rollout is the updated model's, as a fresh engine gives.
+
+    The updates are what trainers do between rollouts: in place on shared tensors (a base
+    weight), in place on tensors the engine keeps its own copy of (fp64 LoRA weights, decoded
+    in fp32), and a parameter rebound to new storage.
+    """
+    student = lora_student(pipo_model, "qwen3_5").base_model.model
+    for name, param in student.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.double()
+    built = []
+
+    class CountedEngine(Engine):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(student_rollout, "Engine", CountedEngine)
+    engine = student_rollout.RolloutEngine()
+    step = partial(student_rollout.generate_rollouts, engine=engine)
+    first = rollouts(step, student.train())
+    first_engine = engine.engine
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name or "confidence_head" in name:
+                param.add_(torch.randn_like(param) * 0.5)
+        student.model.layers[0].linear_attn.in_proj_qkv.weight.mul_(3.0)
+        q_proj = next(layer for layer in student.model.layers if hasattr(layer, "self_attn")).self_attn.q_proj.base_layer.weight
+        q_proj.data = q_proj.data * -2.0
+    second = rollouts(step, student)
+    assert engine.builds == 1 and engine.engine is first_engine and len(built) == 1
+    assert student.training and q_proj.dtype == torch.float32
+    fresh = rollouts(student_rollout.generate_rollouts, student)  # a one-off engine on the same weights
+    assert len(built) == 2
+    assert [r.raw_ids for r in second] == [r.raw_ids for r in fresh]
+    assert [r.raw_ids for r in second] != [r.raw_ids for r in first]
+
+
+def test_engine_grows_for_a_longer_batch_and_is_rebuilt_for_another_threshold(pipo_model, monkeypatch):
+    monkeypatch.setattr(student_rollout, "LENGTH_STEP", 16)
+    student = lora_student(pipo_model, "llama").base_model.model
+    engine = student_rollout.RolloutEngine()
+    student_rollout.generate_rollouts(student, PROMPTS[:2], NEW, GREEDY, 0.5, EOS, 0, engine=engine)
+    rows, length = engine.engine.max_batch_size, engine.engine.max_seq_len
+    student_rollout.generate_rollouts(student, PROMPTS[:1], NEW, GREEDY, 0.5, EOS, 0, engine=engine)
+    assert engine.builds == 1  # fewer rows fit
+    got = student_rollout.generate_rollouts(student, PROMPTS + [list(range(5, 75))], NEW, GREEDY, 0.5, EOS, 0, engine=engine)
+    assert engine.builds == 2 and engine.engine.max_batch_size == 5 > rows
+    assert engine.engine.max_seq_len == 96 > length  # 70 + 2 x 12, rounded up to 16
+    assert len(got) == 5
+    student_rollout.generate_rollouts(student, PROMPTS[:1], NEW, GREEDY, 0.9, EOS, 0, engine=engine)
+    assert engine.builds == 3 and engine.engine.decoder.config.conf_threshold == 0.9

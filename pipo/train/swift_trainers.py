@@ -22,7 +22,7 @@ from pipo.model.modeling import PIPOForCausalLM
 from pipo.model.pairs import collate_rows, pad_augment_batch, rollout_row
 from pipo.model.sampling import SamplingParams
 from pipo.train.opd import compact_pads, opd_losses
-from pipo.train.student_rollout import generate_rollouts
+from pipo.train.student_rollout import RolloutEngine, generate_rollouts
 from pipo.train.settings import TrainSettings
 from pipo.train.tracking_callback import MLflowMetricsCallback
 from pipo.train.validation import check_teacher_tokenizer
@@ -106,9 +106,9 @@ class PIPOOPDTrainer(GKDTrainer):
     """On-policy distillation (docs/method.md section 5) on top of ms-swift's GKD loop.
 
     Rollouts use PIPO decoding (`generate_rollouts`, confidence threshold from the
-    settings); the teacher runs on PAD-compacted sequences; the student runs the
-    compressed forward with the rollout's token1 teacher-forcing the MTP head; the
-    divergence is `sampled`, `topk` or `full` (JSD with `--beta`).
+    settings) through one `RolloutEngine` kept for the whole run; the teacher runs on
+    PAD-compacted sequences; the student runs the compressed forward with the rollout's
+    token1 teacher-forcing the MTP head; the divergence is `sampled`, `topk` or `full` (JSD with `--beta`).
     """
 
     def __init__(self, model=None, *args, **kwargs) -> None:
@@ -128,6 +128,7 @@ class PIPOOPDTrainer(GKDTrainer):
                 f"{student.model_dir} has {student_vocab}: OPD needs one shared vocabulary"
             )
         self.model_accepts_loss_kwargs = False
+        self.rollout_engine = RolloutEngine()  # built at the first rollout, its CUDA graphs reused by every later one
         self.add_callback(MLflowMetricsCallback())
 
     # ------------------------------------------------------------------ rollouts
@@ -159,6 +160,7 @@ class PIPOOPDTrainer(GKDTrainer):
             settings.conf_threshold,
             [t for t in eos if t is not None],
             seed,
+            engine=self.rollout_engine,
         )
         for sample, prompt, result in zip(samples, prompts, results):
             sample.rollout_infos[ROLLOUT_PROMPT] = prompt
