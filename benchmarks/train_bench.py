@@ -115,16 +115,18 @@ def main() -> None:
     parser.add_argument("--divergence", nargs="+", default=["topk", "full"], choices=["sampled", "topk", "full"])
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2, help="the first run includes warm-up (kernel compilation)")
+    parser.add_argument("--prompt-tokens", type=int, default=0, help="prompt part of a row (0: min(1024, tokens / 4))")
     args = parser.parse_args()
+    prompt = args.prompt_tokens or min(1024, args.tokens // 4 // 2 * 2)
     backend = route_gated_delta_rule()  # as the trainers do: a working gated-delta-rule backward
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "gated_delta_backend": backend.name}), flush=True)
     model, optimizer = student()
     if "sft" in args.steps:
-        batch = rollout_batch(args.tokens, min(1024, args.tokens // 4 // 2 * 2), 0.0, torch.Generator().manual_seed(0))
+        batch = rollout_batch(args.tokens, prompt, 0.0, torch.Generator().manual_seed(0))
         report("sft", args.tokens, args.repeats, lambda: sft_step(model, optimizer, batch, args.chunk_size))
     if "opd" in args.steps:
         teacher_model = teacher()
-        batch = rollout_batch(args.tokens, min(1024, args.tokens // 4 // 2 * 2), 0.2, torch.Generator().manual_seed(1))
+        batch = rollout_batch(args.tokens, prompt, 0.2, torch.Generator().manual_seed(1))
         compact = compact_pads(batch["input_ids"], batch["attention_mask"], PAD_ID)
         for divergence in args.divergence:
             report(f"opd-{divergence}", args.tokens, args.repeats,

@@ -2,8 +2,12 @@
 
 `small`: `pipo sft` -> `pipo merge` -> `pipo opd` -> `pipo merge` through ms-swift (the rules'
 entry points, `pipo.train.stages`) on a small Qwen3.5-shaped model with the real head and
-linear-attention dimensions. `4b`: one SFT step and one OPD step at `--tokens` through the
-same trainers, on a 4B-shaped student (and a 9B-shaped teacher), random weights.
+linear-attention dimensions, then a check that a reused rollout engine's CUDA graphs decode
+weights changed after capture as a fresh engine does. `4b`: one SFT step and one OPD step at
+`--tokens` through the same trainers, on a 4B-shaped student (and a 9B- or 4B-shaped teacher),
+random weights. `write`: only the 4B and 9B
+checkpoints (run it beside `small` to overlap the disk writes). The results file is rewritten
+after every stage, so a run cut off by a time limit keeps what finished.
 
 What is measured comes from light wrappers around the trainers, not from their logs:
 trained tokens are the attention-mask sum of every student forward that builds a graph;
@@ -80,8 +84,10 @@ def write_backbone(path: Path, shape: Shape, seed: int) -> Path:
     dtype = torch.bfloat16 if device().type == "cuda" else torch.float32
     with device():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    staging = path.with_name(path.name + ".partial")  # renamed when whole: a cut-off write is never taken for one
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(path)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -118,9 +124,13 @@ class StageMeter:
     rollout_slots: int = 0  # every emitted slot, rejected-draft PADs included
     rollout_tokens: int = 0  # visible tokens
     rollout_prompts: int = 0
+    rollout_call_seconds: list[float] = field(default_factory=list)  # the first includes building the engine
+    rollout_engine_builds: int = 0
+    rollout_kv_pool_gib: float = 0.0
     training_tensors_intact: bool = True
     allocated_after_rollout_gib: list[float] = field(default_factory=list)
     allocated_before_rollout_gib: list[float] = field(default_factory=list)
+    model_load_seconds: list[float] = field(default_factory=list)  # the PIPO loader's get_model, per student load
 
 
 def _sync() -> None:
@@ -144,9 +154,10 @@ def _signature(model: torch.nn.Module) -> list[tuple]:
 def measured(meter: StageMeter) -> Iterator[None]:
     """Wrap the student forward, `Trainer.train` and the OPD trainer's rollouts for the duration."""
     import transformers
-    from pipo.train import swift_trainers
+    from pipo.train import swift_models, swift_trainers
 
     forward, train, rollouts = PIPOForCausalLM.forward, transformers.Trainer.train, swift_trainers.generate_rollouts
+    get_model = swift_models.PIPOModelLoader.get_model
 
     def counting_forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
         if torch.is_grad_enabled() and self.training and input_ids is not None:
@@ -170,7 +181,12 @@ def measured(meter: StageMeter) -> Iterator[None]:
         start = time.perf_counter()
         results = rollouts(model, prompts, *args, **kwargs)
         _sync()
-        meter.rollout_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        meter.rollout_seconds += seconds
+        meter.rollout_call_seconds.append(round(seconds, 3))
+        engine = kwargs.get("engine")
+        if engine is not None:
+            meter.rollout_engine_builds, meter.rollout_kv_pool_gib = engine.builds, _gib(engine.kv_bytes)
         if torch.cuda.is_available():
             meter.allocated_after_rollout_gib.append(_gib(torch.cuda.memory_allocated()))
         meter.rollout_calls += 1
@@ -180,21 +196,40 @@ def measured(meter: StageMeter) -> Iterator[None]:
         meter.training_tensors_intact &= _signature(model) == before
         return results
 
+    def timed_get_model(self, *args, **kwargs):
+        start = time.perf_counter()
+        model = get_model(self, *args, **kwargs)
+        _sync()
+        meter.model_load_seconds.append(round(time.perf_counter() - start, 2))
+        print(json.dumps({"progress": "student loaded", "seconds": meter.model_load_seconds[-1]}), flush=True)
+        return model
+
     PIPOForCausalLM.forward, transformers.Trainer.train = counting_forward, timed_train
     swift_trainers.generate_rollouts = timed_rollouts
+    swift_models.PIPOModelLoader.get_model = timed_get_model
     try:
         yield
     finally:
         PIPOForCausalLM.forward, transformers.Trainer.train = forward, train
         swift_trainers.generate_rollouts = rollouts
+        swift_models.PIPOModelLoader.get_model = get_model
+
+
+def save(results: dict[str, Any]) -> None:
+    """Write the results so far (atomically): a run cut off by a time limit still leaves every finished stage."""
+    out = Path(results["args"]["out"])
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(results, indent=2))
+    partial.replace(out)
 
 
 def run_stage(name: str, call: Callable[[], Any], results: dict[str, Any]) -> Any:
-    """Run one stage under the meter; its figures (or its error) go into `results[name]`."""
+    """Run one stage under the meter; its figures (or its error) go into `results[name]` and the results file."""
     meter = StageMeter()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    print(json.dumps({"progress": f"{name} starts"}), flush=True)
     start = time.perf_counter()
     entry: dict[str, Any] = {}
     output = None
@@ -217,6 +252,7 @@ def run_stage(name: str, call: Callable[[], Any], results: dict[str, Any]) -> An
         entry["peak_allocated_gib"] = _gib(torch.cuda.max_memory_allocated())
         entry["peak_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
     results[name] = entry
+    save(results)
     print(json.dumps({name: {k: v for k, v in entry.items() if k != "traceback"}}), flush=True)
     if not entry["ok"]:
         print(entry["traceback"], flush=True)
@@ -269,10 +305,52 @@ def small(work: Path, args, results: dict[str, Any]) -> None:
                                             "pipo": {"conf_threshold": args.conf_threshold}}), results)
     if opd is not None:
         run_stage("merge_opd", lambda: run_merge(str(opd), str(work / "pipo-opd")), results)
+    if merged is not student:
+        run_stage("graph_reuse", lambda: graph_reuse_check(Path(merged), results), results)
+
+
+def graph_reuse_check(checkpoint: Path, results: dict[str, Any]) -> None:
+    """On the GPU (CUDA graphs on): a reused `RolloutEngine` decodes weights changed in place after its capture
+    exactly as a freshly built engine does (greedy), and the change does change the rollouts."""
+    from pipo.model.sampling import GREEDY
+    from pipo.train.student_rollout import RolloutEngine, generate_rollouts
+
+    model = PIPOForCausalLM.from_pretrained(str(checkpoint), dtype=torch.bfloat16, device_map=device()).eval()
+    prompts = [[5 + (7 * i + j) % 300 for j in range(40 + 9 * i)] for i in range(4)]
+    engine = RolloutEngine()
+
+    def decode(with_engine):
+        return [r.raw_ids for r in generate_rollouts(model, prompts, 64, GREEDY, 0.5, [], 0, engine=with_engine)]
+
+    before = decode(engine)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            projection = layer.linear_attn.out_proj if hasattr(layer, "linear_attn") else layer.self_attn.o_proj
+            projection.weight.mul_(-1.5)
+        model.confidence_head.fc2.weight.mul_(4.0)
+    start = time.perf_counter()
+    reused = decode(engine)
+    reused_seconds = time.perf_counter() - start
+    fresh = decode(None)
+    results["graph_reuse_detail"] = {
+        "reused_equals_fresh": reused == fresh, "changed_by_update": reused != before, "builds": engine.builds,
+        "graphs_captured": bool(engine.engine.decoder.graphs_enabled), "reused_rollout_seconds": round(reused_seconds, 3)}
+    if reused != fresh or reused == before or engine.builds != 1:
+        raise RuntimeError(f"graph reuse check failed: {results['graph_reuse_detail']}")
+
+
+def write_all(work: Path, args, results: dict[str, Any]) -> None:
+    """Only write the 4B student and the 9B teacher (to overlap the disk writes with another part's run)."""
+    for name, shape, seed in (("student4b", STUDENT_4B, 0), ("teacher9b", TEACHER_9B, 1)):
+        start = time.perf_counter()
+        write_backbone(work / name, shape, seed)
+        results[f"write_{name}_seconds"] = round(time.perf_counter() - start, 1)
+        save(results)
+        print(json.dumps({"progress": f"{name} written", "seconds": results[f"write_{name}_seconds"]}), flush=True)
 
 
 def big(work: Path, args, results: dict[str, Any]) -> None:
-    """One SFT and one OPD step at `--tokens` through the real trainers on the 4B student (9B teacher)."""
+    """One SFT and one OPD step at `--tokens` through the real trainers on the 4B student (9B or 4B teacher)."""
     from transformers import AutoTokenizer
 
     from pipo.train.stages import run_opd, run_sft
@@ -285,12 +363,18 @@ def big(work: Path, args, results: dict[str, Any]) -> None:
     sft_rows = write_rows(work / f"sft{args.tokens}.jsonl", tokenizer, 1, args.prompt_tokens, answer, 0)
     run_stage(f"sft_4b_{args.tokens}", lambda: run_sft({**one_step, "model": str(student), "dataset": str(sft_rows),
                                                         "output_dir": str(work / f"sft4b_{args.tokens}"), "max_length": args.tokens}), results)
-    if not args.opd_completion:
-        return
-    teacher = write_backbone(work / "teacher9b", TEACHER_9B, 1)
+    if args.opd_completion:
+        opd_step(work, args, results, student, tokenizer, one_step)
+
+
+def opd_step(work: Path, args, results: dict[str, Any], student: Path, tokenizer, one_step: dict[str, Any]) -> None:
+    """One OPD step at `--tokens` (prompt + `--opd-completion`) through the real trainer."""
+    from pipo.train.stages import run_opd
+
+    teacher = write_backbone(work / "teacher9b", TEACHER_9B, 1) if args.teacher == "9b" else student
     prompt = args.tokens - args.opd_completion
     rl_rows = write_rows(work / f"rl{args.tokens}.jsonl", tokenizer, 1, prompt - 64, 0, 1)
-    run_stage(f"opd_4b_{args.tokens}", lambda: run_opd({**one_step, "model": str(student), "teacher": str(teacher),
+    run_stage(f"opd_4b_{args.tokens}_teacher_{args.teacher}", lambda: run_opd({**one_step, "model": str(student), "teacher": str(teacher),
                                                         "dataset": str(rl_rows), "output_dir": str(work / f"opd4b_{args.tokens}"),
                                                         "max_length": args.tokens, "max_completion_length": args.opd_completion,
                                                         "pipo": {"conf_threshold": args.conf_threshold}}), results)
@@ -298,7 +382,7 @@ def big(work: Path, args, results: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["small", "4b"], required=True)
+    parser.add_argument("--part", choices=["small", "4b", "write"], required=True)
     parser.add_argument("--work", default="/tmp/pipo_stages", help="checkpoints and data (large for 4b)")
     parser.add_argument("--out", required=True, help="JSON file of the results")
     parser.add_argument("--batch", type=int, default=4, help="small: per-device batch (rows or rollouts)")
@@ -311,14 +395,14 @@ def main() -> None:
     parser.add_argument("--conf-threshold", type=float, default=0.95, help="OPD rollouts (< 0 keeps every draft)")
     parser.add_argument("--tokens", type=int, default=16384, help="4b: tokens of the SFT and the OPD step")
     parser.add_argument("--opd-completion", type=int, default=2048, help="4b: OPD completion tokens (0: no OPD step)")
+    parser.add_argument("--teacher", choices=["9b", "4b"], default="9b", help="4b: OPD teacher (4b: the student's backbone)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"environment": environment(), "args": vars(args)}
     print(json.dumps(results), flush=True)
-    (small if args.part == "small" else big)(work, args, results)
-    out = Path(args.out)
-    out.write_text(json.dumps(results, indent=2))
+    save(results)
+    {"small": small, "4b": big, "write": write_all}[args.part](work, args, results)
     failed = [name for name, entry in results.items() if isinstance(entry, dict) and entry.get("ok") is False]
     raise SystemExit(f"failed stages: {failed}" if failed else 0)
 

@@ -33,8 +33,8 @@ def lora_student(pipo_model, arch: str) -> torch.nn.Module:
     return peft.train()
 
 
-def rollouts(generate, student, params=GREEDY, tau=0.5, seed=0):
-    return generate(student, PROMPTS, NEW, params, tau, EOS, seed)
+def rollouts(generate, student, params=GREEDY, tau=0.5, seed=0, prompts=PROMPTS):
+    return generate(student, prompts, NEW, params, tau, EOS, seed)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "llama"])
@@ -119,8 +119,11 @@ def test_one_engine_across_steps_decodes_the_updated_weights(pipo_model, monkeyp
 
     monkeypatch.setattr(student_rollout, "Engine", CountedEngine)
     engine = student_rollout.RolloutEngine()
-    step = partial(student_rollout.generate_rollouts, engine=engine)
-    first = rollouts(step, student.train())
+
+    def step(model):
+        return rollouts(partial(student_rollout.generate_rollouts, engine=engine), model, prompts=PROMPTS[1:3])
+
+    first = step(student.train())
     first_engine = engine.engine
     with torch.no_grad():
         for name, param in student.named_parameters():
@@ -129,10 +132,10 @@ def test_one_engine_across_steps_decodes_the_updated_weights(pipo_model, monkeyp
         student.model.layers[0].linear_attn.in_proj_qkv.weight.mul_(3.0)
         q_proj = next(layer for layer in student.model.layers if hasattr(layer, "self_attn")).self_attn.q_proj.base_layer.weight
         q_proj.data = q_proj.data * -2.0
-    second = rollouts(step, student)
+    second = step(student)
     assert engine.builds == 1 and engine.engine is first_engine and len(built) == 1
     assert student.training and q_proj.dtype == torch.float32
-    fresh = rollouts(student_rollout.generate_rollouts, student)  # a one-off engine on the same weights
+    fresh = rollouts(student_rollout.generate_rollouts, student, prompts=PROMPTS[1:3])  # a one-off engine on the same weights
     assert len(built) == 2
     assert [r.raw_ids for r in second] == [r.raw_ids for r in fresh]
     assert [r.raw_ids for r in second] != [r.raw_ids for r in first]
