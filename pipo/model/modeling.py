@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
-from transformers.initialization import no_init_weights
-from transformers.modeling_utils import local_torch_dtype
 from transformers.cache_utils import DynamicCache
+from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import local_torch_dtype
 from transformers.utils import ModelOutput
 
 from pipo.errors import NotAPIPOCheckpointError, PadTokenError, PIPOError
