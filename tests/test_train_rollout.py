@@ -145,13 +145,13 @@ def test_engine_grows_for_a_longer_batch_and_is_rebuilt_for_another_threshold(pi
     monkeypatch.setattr(student_rollout, "LENGTH_STEP", 16)
     student = lora_student(pipo_model, "llama").base_model.model
     engine = student_rollout.RolloutEngine()
-    student_rollout.generate_rollouts(student, PROMPTS[:2], NEW, GREEDY, 0.5, EOS, 0, engine=engine)
+    student_rollout.generate_rollouts(student, PROMPTS[:2], 4, GREEDY, 0.5, EOS, 0, engine=engine)
     rows, length = engine.engine.max_batch_size, engine.engine.max_seq_len
-    student_rollout.generate_rollouts(student, PROMPTS[:1], NEW, GREEDY, 0.5, EOS, 0, engine=engine)
+    student_rollout.generate_rollouts(student, PROMPTS[:1], 4, GREEDY, 0.5, EOS, 0, engine=engine)
     assert engine.builds == 1  # fewer rows fit
-    got = student_rollout.generate_rollouts(student, PROMPTS + [list(range(5, 75))], NEW, GREEDY, 0.5, EOS, 0, engine=engine)
+    got = student_rollout.generate_rollouts(student, PROMPTS + [list(range(5, 75))], 4, GREEDY, 0.5, EOS, 0, engine=engine)
     assert engine.builds == 2 and engine.engine.max_batch_size == 5 > rows
-    assert engine.engine.max_seq_len == 96 > length  # 70 + 2 x 12, rounded up to 16
+    assert engine.engine.max_seq_len == 80 > length  # 70 + 2 x 4, rounded up to 16
     assert len(got) == 5
-    student_rollout.generate_rollouts(student, PROMPTS[:1], NEW, GREEDY, 0.9, EOS, 0, engine=engine)
+    student_rollout.generate_rollouts(student, PROMPTS[:1], 4, GREEDY, 0.9, EOS, 0, engine=engine)
     assert engine.builds == 3 and engine.engine.decoder.config.conf_threshold == 0.9
