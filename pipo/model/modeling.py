@@ -359,8 +359,8 @@ class PIPOForCausalLM(PreTrainedModel):
         """Initialise what a backbone does not provide (compressor, MTP head, confidence head), as `post_init` would.
 
         Every backbone module counts as initialised (its weights were just loaded), so
-        `initialize_weights` reaches only the PIPO heads; the compressor then gets the
-        spec's initialisation.
+        `initialize_weights` reaches only the PIPO heads; the compressor then gets its
+        identity initialisation (`Compressor.reset_parameters`).
         """
         for module in [*self.model.modules(), self.lm_head]:
             module._is_hf_initialized = True
