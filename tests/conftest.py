@@ -6,6 +6,11 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels (pipo/engine/flash_decode.py) run in Triton's interpreter on CPU tensors; it is chosen when
+    # triton is first imported, so before any pipo module is
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pipo  # noqa: F401  (registers the Auto classes)
 from pipo import PIPOForCausalLM
 from pipo.model.tiny import make_tiny_backbone
@@ -16,6 +21,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # one thread per xdist worker: on a 2-core machine, 2 workers x 2 torch threads thrash
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests are opt-in on a machine with CUDA (`python -m pytest -m gpu`); elsewhere they are skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -134,24 +135,30 @@ def test_pool_smaller_than_one_sequence_is_refused(qwen_regular):
         Engine(qwen_regular[0], "regular", num_blocks=5, **TIGHT)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_paged_triton_kernel_matches_sdpa(monkeypatch):
-    """The paged split-K kernel (Triton's interpreter on CPU) against SDPA over the gathered blocks."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="triton is not installed, or a GPU runs it (tests/test_gpu.py)")
+@pytest.mark.parametrize(
+    ("steps", "group", "block_size", "sms"),
+    [(2, 2, 16, 4), (1, 4, 64, 1), (4, 1, 32, 64)],  # eagle-like / one query, 2 tiles per block / many splits
+)
+def test_paged_triton_kernel_matches_sdpa(steps, group, block_size, sms):
+    """The paged split-K kernel against SDPA over the gathered blocks (on CPU under Triton's interpreter, which
+    conftest switches on where there is no GPU)."""
     from pipo.engine import flash_decode
 
-    flash_decode = importlib.reload(flash_decode)  # kernels are built as interpreted at import
-
+    device = "cpu"
     torch.manual_seed(0)
-    batch, kv_heads, group, steps, d, bs, blocks = 2, 2, 2, 2, 16, 16, 4
-    pool_k, pool_v = torch.randn(2, 12, kv_heads, bs, d).unbind(0)
-    tables = torch.tensor([[3, 7, 1, 0], [5, 2, 9, 11]])
-    positions = torch.tensor([[20, 21], [40, 41]])
-    q = torch.randn(batch, kv_heads, group * steps, d)
-    out = flash_decode.paged_decode_attention(q, pool_k, pool_v, tables, positions, d**-0.5, sms=4)
-    keys = pool_k[tables].transpose(1, 2).reshape(batch, kv_heads, blocks * bs, d)
-    values = pool_v[tables].transpose(1, 2).reshape(batch, kv_heads, blocks * bs, d)
-    mask = (torch.arange(blocks * bs)[None, None] <= positions[:, :, None])[:, None].repeat(1, 1, group, 1)
+    batch, kv_heads, d, blocks = 2, 2, 16, 3
+    pool_k, pool_v = torch.randn(2, 12, kv_heads, block_size, d, device=device).unbind(0)
+    tables = torch.tensor([[3, 7, 1], [5, 2, 9]], device=device)
+    last = torch.tensor([block_size + 5, 3 * block_size - 1], device=device)  # mid-block / the table's last key
+    positions = last[:, None] - torch.arange(steps - 1, -1, -1, device=device)
+    q = torch.randn(batch, kv_heads, group * steps, d, device=device)
+    out = flash_decode.paged_decode_attention(q, pool_k, pool_v, tables, positions, d**-0.5, sms=sms)
+    keys = pool_k[tables].transpose(1, 2).reshape(batch, kv_heads, blocks * block_size, d)
+    values = pool_v[tables].transpose(1, 2).reshape(batch, kv_heads, blocks * block_size, d)
+    mask = torch.arange(blocks * block_size, device=device)[None, None] <= positions[:, :, None]
+    mask = mask[:, None].repeat(1, 1, group, 1)  # query row g*T + t of a KV head: step t of group head g
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d**-0.5)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 

@@ -1,0 +1,110 @@
+"""GPU-only checks, opt-in: `python -m pytest -m gpu -q tests/` (skipped where CUDA is not available).
+
+The Triton flash-decode kernel against SDPA at real head sizes in bf16, CUDA-graph decoding
+against eager decoding on the same GPU (regular and PIPO, greedy and sampled), and
+flash-linear-attention's gated delta rule against the PyTorch path the CPU runs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipo.engine import Engine
+from pipo.model.sampling import GREEDY, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+EOS = [2]
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], list(range(30, 90)), [100], [40, 41, 42, 43]]
+SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, min_p=0.01, presence_penalty=1.5)
+
+
+@pytest.mark.parametrize(
+    ("batch", "kv_heads", "group", "steps", "d", "block_size"),
+    [(1, 4, 4, 1, 128, 32), (8, 2, 8, 4, 256, 64), (33, 8, 2, 2, 64, 16)],  # batch 1 / eagle-like / many rows
+)
+def test_flash_decode_matches_sdpa(batch, kv_heads, group, steps, d, block_size):
+    from pipo.engine import flash_decode
+
+    torch.manual_seed(0)
+    max_blocks, pool_blocks = 12, 8 + 12 * batch
+    q = torch.randn(batch, kv_heads, group * steps, d, device="cuda", dtype=torch.bfloat16)
+    assert flash_decode.available(q, block_size), "the Triton kernel does not apply: is triton installed?"
+    pool_k, pool_v = torch.randn(2, pool_blocks, kv_heads, block_size, d, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(pool_blocks - 1, device="cuda")[: batch * max_blocks].view(batch, max_blocks) + 1
+    capacity = max_blocks * block_size
+    last = torch.randint(steps - 1, capacity, (batch,), device="cuda")
+    last[0] = capacity - 1  # one row reaches the table's last key
+    positions = last[:, None] - torch.arange(steps - 1, -1, -1, device="cuda")
+    out = flash_decode.paged_decode_attention(q, pool_k, pool_v, tables, positions, d**-0.5)
+    keys = pool_k[tables].transpose(1, 2).reshape(batch, kv_heads, capacity, d).float()
+    values = pool_v[tables].transpose(1, 2).reshape(batch, kv_heads, capacity, d).float()
+    mask = (torch.arange(capacity, device="cuda")[None, None] <= positions[:, :, None])[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), keys, values, attn_mask=mask.repeat(1, 1, group, 1), scale=d**-0.5)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2,
+                               msg=lambda m: f"flash-decode vs SDPA, batch {batch}, steps {steps}, d {d}: {m}")
+
+
+@pytest.mark.parametrize("method", ["regular", "pipo"])
+def test_cuda_graph_decode_equals_eager(backbone_dir, pipo_model, method):
+    """Same raw ids with and without CUDA graphs (greedy, then sampled: a mode change captures new graphs);
+    fp32 and no torch.compile, so the two paths run the same kernels apart from the graphs."""
+    if method == "pipo":
+        target = pipo_model("qwen3_5")
+        with torch.no_grad():  # the confidence head keeps some drafts and rejects others
+            target.confidence_head.fc2.weight.normal_(0, 2.0)
+    else:
+        target = backbone_dir("qwen3_5")
+    kw = dict(device="cuda", dtype=torch.float32, compile_layers=False, max_batch_size=4, max_seq_len=128,
+              eos_token_ids=EOS)
+    eager = Engine(target, method, cuda_graphs=False, **kw)
+    graphed = Engine(target, method, cuda_graphs=True, **kw)
+    for params in (GREEDY, SAMPLED):
+        expected = [c[0].raw_ids for c in eager.generate(PROMPTS, params, max_new_tokens=24, seed=3)]
+        got = [c[0].raw_ids for c in graphed.generate(PROMPTS, params, max_new_tokens=24, seed=3)]
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert g == e, f"{method} {params}: prompt {i} graphed {g} != eager {e}"
+
+
+def _delta_inputs(batch: int, steps: int, heads: int, v_heads: int, dk: int, dv: int):
+    """Random gated-delta-rule inputs in bf16 (as the engine runs them) on the GPU, and an fp32 initial state."""
+    q, k = torch.randn(2, batch, steps, heads, dk, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, steps, v_heads, dv, device="cuda", dtype=torch.bfloat16)
+    g = -torch.nn.functional.softplus(torch.randn(batch, steps, v_heads, device="cuda")).to(torch.bfloat16)
+    beta = torch.rand(batch, steps, v_heads, device="cuda", dtype=torch.bfloat16)
+    state = 0.1 * torch.randn(batch, v_heads, dk, dv, device="cuda")
+    return q, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_fla_recurrent_delta_rule_matches_torch(record):
+    pytest.importorskip("fla")
+    from pipo.engine import kernels
+
+    assert kernels.fla_ops() is not None, "fla is installed but its gated delta rule kernels do not import"
+    torch.manual_seed(0)
+    q, k, v, g, beta, state = _delta_inputs(3, 4, 2, 4, 128, 128)  # 4 steps: eagle's k+1 verification
+    cpu = [t.to("cpu", copy=True) for t in (q, k, v, g, beta)]
+    ref_state = state.to("cpu", copy=True)
+    ref_steps = torch.zeros(4, *state.shape) if record else None
+    steps_out = torch.zeros(4, *state.shape, device="cuda") if record else None
+    out = kernels.recurrent_delta_rule(q, k, v, g, beta, state, steps_out)  # fla, in place
+    expected = kernels.recurrent_delta_rule(*cpu, ref_state, ref_steps)  # PyTorch
+    torch.testing.assert_close(out.float().cpu(), expected.float(), atol=2e-2, rtol=2e-2, msg="fla output")
+    torch.testing.assert_close(state.cpu(), ref_state, atol=2e-3, rtol=2e-3, msg="fla final state")
+    if record:
+        torch.testing.assert_close(steps_out.cpu(), ref_steps, atol=2e-3, rtol=2e-3, msg="fla per-step states")
+
+
+def test_fla_chunk_delta_rule_matches_torch():
+    pytest.importorskip("fla")
+    from pipo.engine import kernels
+
+    torch.manual_seed(0)
+    q, k, v, g, beta, state = _delta_inputs(2, 150, 2, 4, 128, 128)  # 150: chunks of 64 and a ragged tail
+    ref_state = state.to("cpu", copy=True)
+    out = kernels.chunk_delta_rule(q, k, v, g, beta, state)
+    expected = kernels.chunk_delta_rule(*(t.to("cpu", copy=True) for t in (q, k, v, g, beta)), ref_state)
+    torch.testing.assert_close(out.float().cpu(), expected.float(), atol=3e-2, rtol=3e-2, msg="fla chunk output")
+    torch.testing.assert_close(state.cpu(), ref_state, atol=5e-3, rtol=5e-3, msg="fla chunk final state")
