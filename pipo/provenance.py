@@ -26,6 +26,7 @@ from pipo.jsonl import atomic_write_text
 META_SUFFIX = ".meta.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 EXIT_AFTER_ROWS_ENV = "PIPO_TEST_EXIT_AFTER_ROWS"  # tests: exit abruptly after N rows, as a kill would
+EXIT_AFTER_STEPS_ENV = "PIPO_TEST_EXIT_AFTER_STEPS"  # tests: exit abruptly after N optimizer steps of training
 
 
 class SettingsMismatchError(InputError):
@@ -153,8 +154,18 @@ def exit_after_rows_for_test(rows_written: int) -> None:
 
     The deterministic stand-in for `kill -9` in the reproducible-resume tests.
     """
-    limit = os.environ.get(EXIT_AFTER_ROWS_ENV)
-    if limit is not None and rows_written >= int(limit):
+    _exit_at(EXIT_AFTER_ROWS_ENV, rows_written)
+
+
+def exit_after_steps_for_test(global_step: int) -> None:
+    """With `PIPO_TEST_EXIT_AFTER_STEPS=N`, end a training process abruptly right after optimizer step N,
+    before that step's logging and checkpoint: the deterministic stand-in for a kill mid-run."""
+    _exit_at(EXIT_AFTER_STEPS_ENV, global_step)
+
+
+def _exit_at(variable: str, count: int) -> None:
+    limit = os.environ.get(variable)
+    if limit is not None and count >= int(limit):
         os._exit(75)
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pipo.cli import main as pipo_main
 from pipo.eval.scoring import RecordError, read_scores, score_generations
+from pipo.provenance import EXIT_AFTER_ROWS_ENV
 from tests.fixtures_code import children_of, host_processes_with, wait_for
 
 
@@ -38,8 +37,8 @@ def _mcq(i: int) -> dict:
             "token_ids": [[1]] * 4, "stats": _stats(4, ttft=0.2)}
 
 
-def _code(i: int, sleep_s: float = 0.0) -> dict:
-    good = f"import time\ntime.sleep({sleep_s})\nprint(int(input()) + {i})"
+def _code(i: int) -> dict:
+    good = f"print(int(input()) + {i})"
     return {"id": f"c{i}", "benchmark": "livecodebench", "prompt": "add", "answer": None,
             "tests": {"format": "stdin", "inputs": ["1\n", "5\n"], "outputs": [f"{1 + i}\n", f"{5 + i}\n"],
                       "fn_name": None, "time_limit_s": 2, "memory_mb": None},
@@ -103,24 +102,20 @@ def test_resume_after_a_kill_mid_write_gives_no_duplicates_and_same_metrics(tmp_
 
 @pytest.mark.slow
 def test_resume_after_a_real_kill(tmp_path):
-    slow = [_code(i, sleep_s=0.25) for i in range(5)]
-    gens = _write(tmp_path / "gens.jsonl", slow)
+    """`pipo score` ends abruptly after 2 rows (`PIPO_TEST_EXIT_AFTER_ROWS`, as a kill would), then resumes."""
+    codes = [_code(i) for i in range(5)]
+    gens = _write(tmp_path / "gens.jsonl", codes)
     scores, metrics_path = tmp_path / "scores.jsonl", tmp_path / "metrics.json"
     cmd = [sys.executable, "-m", "pipo.cli", "score", "--generations", str(gens), "--scores", str(scores),
            "--metrics", str(metrics_path), "--no-progress"]
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), EXIT_AFTER_ROWS_ENV: "2"}
     (tmp_path / "tmp").mkdir()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not scores.exists() or scores.read_text().count("\n") < 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(_ids(scores))
-    assert 2 <= done_before < len(slow) and not metrics_path.exists()
+    killed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert killed.returncode == 75, killed.stderr[-2000:]
+    assert _ids(scores) == [r["id"] for r in codes[:2]] and not metrics_path.exists()
     assert list((tmp_path / "tmp").iterdir()) == []  # sandboxes write no host files
     assert pipo_main(cmd[3:]) == 0
-    assert _ids(scores) == [r["id"] for r in slow]
+    assert _ids(scores) == [r["id"] for r in codes]
     uninterrupted = score_generations(gens, tmp_path / "s2.jsonl", tmp_path / "m2.json", progress=False)
     assert json.loads(metrics_path.read_text()) == uninterrupted
 

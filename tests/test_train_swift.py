@@ -6,7 +6,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 pytest.importorskip("swift")
 
 from pipo import PIPOForCausalLM  # noqa: E402
+from pipo.provenance import EXIT_AFTER_STEPS_ENV  # noqa: E402
 from pipo.train.merge import load_adapter_model  # noqa: E402
 from pipo.train.stages import PLUGIN, newest_checkpoint, run_merge, run_opd, run_sft  # noqa: E402
 
@@ -196,29 +196,34 @@ def test_opd_first_step_loss_equals_the_loss_recomputed_from_its_batch(divergenc
     assert logs[0]["opd_conf_mean_target"] == pytest.approx(float(expected.conf_mean_target), abs=2e-4, rel=1e-3)
 
 
-def test_resume_after_a_killed_run(backbone_dir, data, tmp_path):
-    config = {**TINY, "model": str(backbone_dir("llama")), "dataset": str(data["sft"]), "output_dir": str(tmp_path / "sft"),
-              "max_steps": 12, "per_device_batch_size": 2, "learning_rate": 1e-3, "save_steps": 1}
+def test_killed_run_resumes_to_the_uninterrupted_run(sft_run, tmp_path):
+    """`sft_run`'s settings in another folder, ended abruptly after step 5 (after checkpoint-3, before step 5's log
+    and the checkpoint at 6), then resumed: the same adapter weights and per-step metrics as the uninterrupted run."""
+    reference, base = sft_run
+    config = {**base, "output_dir": str(tmp_path / "sft")}
     config_path = tmp_path / "sft.json"
     config_path.write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipo.cli", "sft", "--config", str(config_path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while newest_checkpoint(config["output_dir"]) is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
-    killed_at = newest_checkpoint(config["output_dir"])
-    assert killed_at is not None, "the first run never saved a checkpoint"
-    assert int(killed_at.name.split("-")[1]) < 12, "the first run finished before the kill"
-    first_loss = _losses(killed_at)[0]["loss"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", EXIT_AFTER_STEPS_ENV: "5"}
+    killed = subprocess.run([sys.executable, "-m", "pipo.cli", "sft", "--config", str(config_path)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 75, killed.stderr[-3000:]
+    kept = newest_checkpoint(config["output_dir"])
+    assert kept.name == "checkpoint-3"
+    saved_at = (kept / "adapter_model.safetensors").stat().st_mtime_ns
     final = run_sft(config)  # the same settings and inputs: resumes
-    assert final.name == "checkpoint-12"
-    logs = _losses(final)
-    assert logs[0]["loss"] == first_loss  # history carried over from the killed run, not retrained
-    assert [entry["step"] for entry in logs] == list(range(1, 13))
-    assert json.loads((Path(config["output_dir"]) / "pipo_stage.json").read_text())["resumed_from"] == [killed_at.name]
+    assert (kept / "adapter_model.safetensors").stat().st_mtime_ns == saved_at  # resumed, not retrained
+    assert final.name == reference.name == "checkpoint-6"
+    assert json.loads((Path(config["output_dir"]) / "pipo_stage.json").read_text())["resumed_from"] == ["checkpoint-3"]
+    from safetensors.torch import load_file
+
+    got, expected = (load_file(str(c / "adapter_model.safetensors")) for c in (final, reference))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    metrics = ("step", "epoch", "loss", "backbone_loss", "mtp_loss", "conf_loss", "conf_mean_target")
+    logs, expected_logs = ([{k: e[k] for k in metrics} for e in _losses(c)] for c in (final, reference))
+    assert [e["step"] for e in logs] == list(range(1, 7))
+    assert logs == [{k: pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in e.items()} for e in expected_logs]
 
 
 def test_swift_command_line_with_the_plugin(backbone_dir, data, tmp_path):

@@ -16,11 +16,13 @@ from swift.rlhf_trainers import GKDTrainer
 from swift.template import TemplateInputs
 from swift.trainers import Seq2SeqTrainer
 from swift.utils import remove_response
+from transformers import TrainerCallback
 
 from pipo.errors import PIPOError
 from pipo.model.modeling import PIPOForCausalLM
 from pipo.model.pairs import collate_rows, pad_augment_batch, rollout_row
 from pipo.model.sampling import SamplingParams
+from pipo.provenance import exit_after_steps_for_test
 from pipo.train.opd import compact_pads, opd_losses
 from pipo.train.student_rollout import RolloutEngine, generate_rollouts
 from pipo.train.settings import TrainSettings
@@ -36,6 +38,13 @@ OPD_METRICS = {
     "conf_mean_pred": "opd_conf_mean_pred",
     "conf_mean_target": "opd_conf_mean_target",
 }
+
+
+class ExitAfterStepsForTest(TrainerCallback):
+    """The kill hook of the resume tests (`PIPO_TEST_EXIT_AFTER_STEPS`); does nothing without the variable."""
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        exit_after_steps_for_test(state.global_step)
 
 
 def pipo_module(model: torch.nn.Module, accelerator) -> PIPOForCausalLM:
@@ -76,6 +85,7 @@ class PIPOSFTTrainer(Seq2SeqTrainer):
         self.model_accepts_loss_kwargs = False  # our loss is a mean: let the Trainer divide by grad accumulation
         self._micro_step = (-1, 0)
         self.add_callback(MLflowMetricsCallback())
+        self.add_callback(ExitAfterStepsForTest())
 
     def _pad_generator(self) -> torch.Generator:
         step = self.state.global_step
@@ -130,6 +140,7 @@ class PIPOOPDTrainer(GKDTrainer):
         self.model_accepts_loss_kwargs = False
         self.rollout_engine = RolloutEngine()  # built at the first rollout, its CUDA graphs reused by every later one
         self.add_callback(MLflowMetricsCallback())
+        self.add_callback(ExitAfterStepsForTest())
 
     # ------------------------------------------------------------------ rollouts
     def _prompt_ids(self, sample) -> list[int]:
