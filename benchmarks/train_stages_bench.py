@@ -353,7 +353,7 @@ def big(work: Path, args, results: dict[str, Any]) -> None:
     """One SFT and one OPD step at `--tokens` through the real trainers on the 4B student (9B or 4B teacher)."""
     from transformers import AutoTokenizer
 
-    from pipo.train.stages import run_opd, run_sft
+    from pipo.train.stages import run_sft
 
     student = write_backbone(work / "student4b", STUDENT_4B, 0)
     tokenizer = AutoTokenizer.from_pretrained(student)
