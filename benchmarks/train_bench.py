@@ -29,7 +29,7 @@ PAD_ID = 248044
 
 
 def qwen3_5_config(hidden: int, intermediate: int, tied: bool) -> Qwen3_5TextConfig:
-    """Qwen3.5 text shape (docs/method.md section 2): 32 layers, every 4th full attention, vocab 248,320."""
+    """Qwen3.5 text shape (the hub checkpoints' `text_config`): 32 layers, every 4th full attention, vocab 248,320."""
     return Qwen3_5TextConfig(
         vocab_size=248320, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=32,
         num_attention_heads=16, num_key_value_heads=4, head_dim=256,
