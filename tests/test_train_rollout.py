@@ -1,6 +1,7 @@
 """OPD rollouts go through the batched engine and equal the reference generator on a LoRA-wrapped student."""
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import pytest
@@ -155,3 +156,21 @@ def test_engine_grows_for_a_longer_batch_and_is_rebuilt_for_another_threshold(pi
     assert len(got) == 5
     student_rollout.generate_rollouts(student, PROMPTS[:1], 4, GREEDY, 0.9, EOS, 0, engine=engine)
     assert engine.builds == 3 and engine.engine.decoder.config.conf_threshold == 0.9
+
+
+def test_a_rebuilt_engine_frees_the_old_one_first(pipo_model, monkeypatch):
+    """The old engine (KV pool, CUDA graphs) is gone before the bigger one allocates: never both at once."""
+    student = pipo_model("llama")
+    engine = student_rollout.RolloutEngine()
+    student_rollout.generate_rollouts(student, PROMPTS[:1], 4, GREEDY, 0.5, EOS, 0, engine=engine)
+    old = weakref.ref(engine.engine)
+    alive_at_build = []
+
+    class Probe(Engine):
+        def __init__(self, *args, **kwargs):
+            alive_at_build.append(old() is not None)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(student_rollout, "Engine", Probe)
+    student_rollout.generate_rollouts(student, PROMPTS[:3], 4, GREEDY, 0.5, EOS, 0, engine=engine)
+    assert engine.builds == 2 and alive_at_build == [False]

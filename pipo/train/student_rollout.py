@@ -127,7 +127,7 @@ class RolloutEngine:
             return engine
         if engine is not None and key == self.key:  # grow, never shrink: batches alternate
             batch, max_seq_len = max(batch, engine.max_batch_size), max(max_seq_len, engine.max_seq_len)
-        self.engine = None
+        engine = self.engine = None  # the last references: the old KV pool and graphs go before the new ones come
         _, dtype, device, conf_threshold, eos_token_ids = key
         if device.type == "cuda":
             torch.cuda.empty_cache()
