@@ -4,7 +4,7 @@
     snakemake --profile slurm all                              # the same DAG on a SLURM cluster
     snakemake --configfile presets/demo.yaml --cores 2 all     # tiny CPU demo, minutes
 
-The config is validated against rules/config.schema.json before anything runs; any value
+The config is validated against rules/config.schema.yaml before anything runs; any value
 can be overridden on the command line, nested ones as YAML that Snakemake merges into the
 section: `--config 'sft={learning_rate: 5.0e-5}' 'eval={n: 8}'`.
 """
@@ -21,7 +21,7 @@ if not workflow.overwrite_configfiles:
 
 
 
-validate_config_or_exit(config, os.path.join(workflow.basedir, "rules", "config.schema.json"))
+validate_config_or_exit(config, os.path.join(workflow.basedir, "rules", "config.schema.yaml"))
 
 
 include: "rules/common.smk"

@@ -1,14 +1,15 @@
 """Helpers the Snakemake workflow calls (the library never imports the workflow).
 
-- config: JSON-schema validation whose errors name the offending key (nested values are
-  overridden with `--config 'section={key: value}'`, which Snakemake merges recursively);
+- config: JSON-schema validation (rules/config.schema.yaml) whose errors name the offending key, and
+  that fills in every default the schema declares (nested values are overridden with
+  `--config 'section={key: value}'`, which Snakemake merges recursively);
 - scripts: `rule_script(snakemake, stage, params)` sends a rule's output to its log file,
   sets the thread count, and opens the rule's MLflow run (`pipo.tracking.stage_run`).
 """
 from __future__ import annotations
 
 import contextlib
-import json
+import copy
 import math
 import os
 import sys
@@ -16,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipo.engine.generate import generate_jsonl
+from pipo.engine.options import GenerateOptions
 from pipo.errors import PIPOError
 from pipo.tracking import StageRun, stage_run, tracking_uri
 
@@ -32,10 +35,10 @@ def _key_path(path: Any) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, root: Mapping[str, Any]) -> str:
     """One error as `config key 'a.b': what is wrong`, naming unknown keys themselves."""
-    if error.validator == "additionalProperties":
-        known = sorted(error.schema.get("properties", {}))
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        known = sorted(_merged(error.schema, root).get("properties", {}))
         extra = sorted(set(error.instance) - set(known))
         where = [f"{_key_path(error.absolute_path)}.{k}".lstrip(".").replace("<top level>.", "") for k in extra]
         return f"unknown config key(s) {where}; known here: {known}"
@@ -48,14 +51,16 @@ def _wants_text(schema: Mapping[str, Any]) -> bool:
     return "string" in kinds or not (kinds or "enum" in schema)
 
 
-def _resolved(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A sub-schema with a local `$ref` (`#/$defs/name`) replaced by what it points at."""
+def _merged(schema: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any]:
+    """A sub-schema with its local `$ref` (`#/$defs/name`) merged in: its own keywords win, `properties` are joined."""
     ref = schema.get("$ref")
     if not isinstance(ref, str) or not ref.startswith("#/"):
-        return schema
+        return dict(schema)
+    target: Any = root
     for part in ref[2:].split("/"):
-        root = root[part]
-    return root
+        target = target[part]
+    base, own = _merged(target, root), {k: v for k, v in schema.items() if k != "$ref"}
+    return {**base, **own, "properties": {**base.get("properties", {}), **own.get("properties", {})}}
 
 
 def coerce_to_schema(config: dict[str, Any], schema: Mapping[str, Any], root: Mapping[str, Any] | None = None) -> None:
@@ -68,12 +73,13 @@ def coerce_to_schema(config: dict[str, Any], schema: Mapping[str, Any], root: Ma
     import yaml
 
     root = schema if root is None else root
+    schema = _merged(schema, root)
     properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
     for key, value in config.items():
         sub = properties.get(key, extra if isinstance(extra, Mapping) else None)
         if sub is None:
             continue
-        sub = _resolved(sub, root)
+        sub = _merged(sub, root)
         if isinstance(value, dict):
             coerce_to_schema(value, sub, root)
         elif isinstance(value, str) and not _wants_text(sub):
@@ -85,15 +91,38 @@ def coerce_to_schema(config: dict[str, Any], schema: Mapping[str, Any], root: Ma
                 config[key] = value
 
 
-def validate_config(config: dict[str, Any], schema_path: str | Path) -> None:
-    """Raise ConfigError listing every schema violation, each naming its key (after `coerce_to_schema`)."""
+def load_schema(schema_path: str | Path) -> dict[str, Any]:
+    """The config schema (YAML), read with libyaml when PyYAML has it (start-up time)."""
+    import yaml
+
+    return yaml.load(Path(schema_path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def _filling_validator(schema: Mapping[str, Any]) -> Any:
+    """A draft 2020-12 validator that also fills in, in place, each absent property that has a `default`
+    (a copy of it, at any depth, through `$ref`s and the entries of `additionalProperties` maps)."""
     import jsonschema
 
-    schema = json.loads(Path(schema_path).read_text())
+    base = jsonschema.Draft202012Validator
+    check_properties = base.VALIDATORS["properties"]
+
+    def properties(validator: Any, props: Mapping[str, Any], instance: Any, subschema: Any) -> Iterator[Any]:
+        if isinstance(instance, dict):
+            for key, sub in props.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from check_properties(validator, props, instance, subschema)
+
+    return jsonschema.validators.extend(base, {"properties": properties})(schema)
+
+
+def validate_config(config: dict[str, Any], schema_path: str | Path) -> None:
+    """Fill the schema's defaults into `config` (after `coerce_to_schema`); raise ConfigError listing every
+    schema violation, each naming its key."""
+    schema = load_schema(schema_path)
     coerce_to_schema(config, schema)
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
-    problems = [_describe(e) for e in errors] + [
+    errors = sorted(_filling_validator(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    problems = [_describe(e, schema) for e in errors] + [
         f"config key '{key}': {value} is not a finite number" for key, value in _non_finite(config)]
     if problems:
         raise ConfigError(schema_path, problems)
@@ -154,52 +183,27 @@ def rule_script(snakemake: Any, stage: str, params: Mapping[str, Any], **tags: A
     import torch
 
     torch.set_num_threads(max(1, int(snakemake.threads)))
-    mlflow_config = snakemake.config.get("mlflow", {})
-    uri = tracking_uri(mlflow_config.get("tracking_uri"))
+    mlflow_config = snakemake.config["mlflow"]
+    uri = tracking_uri(mlflow_config["tracking_uri"])
     wildcards = {k: v for k, v in snakemake.wildcards.items()}
     log = snakemake.log[0] if len(snakemake.log) else None
     with logged_to(log), stage_run(snakemake.rule, wildcards, stage, params, uri=uri,
-                                   experiment=mlflow_config.get("experiment", "pipo"), **tags) as run:
+                                   experiment=mlflow_config["experiment"], **tags) as run:
         yield run
 
 
-def run_cli(argv: list[str]) -> None:
-    """Run a `pipo` sub-command in this process; a non-zero exit is an error naming the command."""
-    from pipo.cli import main
-
-    code = main(argv)
-    if code != 0:
-        raise PIPOError(f"`pipo {' '.join(argv)}` exited with status {code}")
-
-
-def generate_args(section: Mapping[str, Any]) -> list[str]:
-    """`pipo generate` options from a config section (rollout or eval); absent keys keep the CLI defaults."""
-    options = {
-        "n": "--n", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
-        "presence_penalty": "--presence-penalty", "max_new_tokens": "--max-new-tokens",
-        "max_seq_len": "--max-seq-len", "batch_size": "--batch-size", "backend": "--backend", "seed": "--seed",
-        "conf_threshold": "--conf-threshold", "eagle_k": "--eagle-k",
-        "gpu_memory_utilization": "--gpu-memory-utilization", "num_blocks": "--num-blocks",
-    }
-    args: list[str] = []
-    for key, flag in options.items():
-        if section.get(key) is not None:
-            args += [flag, str(section[key])]
-    return args
-
-
 def generate_shard(
-    records: str | Path, model: str | Path, method: str, output: str | Path, section: Mapping[str, Any],
-    *, shard: int, shards: int,
+    records: str | Path, model: str | Path, method: str, output: str | Path, options: GenerateOptions,
+    *, prompt_budget: int | None, shard: int, shards: int,
 ) -> Path:
-    """Decode shard `shard` of `shards` of a records JSONL into `output`.
+    """Decode shard `shard` of `shards` of a records JSONL into `output` (`generate_jsonl`).
 
-    Rows go to `<output>.partial` (resumed by `pipo generate` if a killed job reruns:
-    Snakemake only deletes declared outputs; a partial made with other settings starts
-    over); when complete, each completion's stats get the device it was decoded on
-    (`device_label`: wall-clock speeds mean nothing without it) and the rows are renamed into
-    place with their settings sidecar. Prompts marked for truncation (LongBench v2) are first
-    fitted to the section's prompt budget with the model's tokenizer (`pipo.eval.truncation`).
+    Rows go to `<output>.partial` (resumed if a killed job reruns: Snakemake only deletes
+    declared outputs; a partial made with other settings starts over); when complete, each
+    completion's stats get the device it was decoded on (`device_label`: wall-clock speeds
+    mean nothing without it) and the rows are renamed into place with their settings sidecar.
+    Prompts marked for truncation (LongBench v2) are first fitted to the prompt budget
+    (`prompt_budget`, else max_seq_len - max_new_tokens) with the model's tokenizer (`pipo.eval.truncation`).
     """
     from pipo.data.build import shard as take_shard
     from pipo.jsonl import read_jsonl, write_jsonl
@@ -209,9 +213,10 @@ def generate_shard(
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
     shard_input = output.with_name(output.name + ".input.jsonl")
-    write_jsonl(shard_input, fit_to_model(take_shard(read_jsonl(records), shard, shards), model, section, method))
-    run_cli(["generate", "--model", str(model), "--method", method, "--input", str(shard_input),
-             "--output", str(partial), "--overwrite", *generate_args(section)])
+    limits = {"max_seq_len": options.max_seq_len, "max_new_tokens": options.max_new_tokens,
+              "prompt_budget": prompt_budget}
+    write_jsonl(shard_input, fit_to_model(take_shard(read_jsonl(records), shard, shards), model, limits, method))
+    generate_jsonl(model, method, shard_input, partial, options, overwrite=True)
     device = device_label()
     rows = read_jsonl(partial)
     for row in rows:

@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+from pipo.engine.options import GenerateOptions
+
 R = "results"
 STUDENT = config["models"]["student"]
 TEACHER = config["models"]["teacher"]
@@ -17,7 +19,7 @@ def alternatives(names):
 
 def is_local(model):
     """A `source` naming an existing folder is used as is (no download rule)."""
-    return model.get("source") is not None and Path(model["source"]).is_dir()
+    return model["source"] is not None and Path(model["source"]).is_dir()
 
 
 def model_dir(name):
@@ -26,7 +28,7 @@ def model_dir(name):
     return model["source"] if is_local(model) else f"{R}/models/{name}"
 
 
-PRETRAINED = [n for n, m in MODELS.items() if m.get("pretrain") is not None]
+PRETRAINED = [n for n, m in MODELS.items() if "pretrain" in m]  # a tiny model trained from scratch (demo)
 HUB_MODELS = [n for n, m in MODELS.items() if n not in PRETRAINED and not is_local(m)]
 DATASETS = list(config["rollout"]["datasets"])
 BENCHMARKS = list(config["eval"]["benchmarks"])
@@ -49,6 +51,11 @@ def variant_model(variant):
 def method_label(variant, method):
     """Row name in the results table: regular/eagle/mtp for base checkpoints, e.g. pipo-sft otherwise."""
     return method if variant in ("base", "teacher") else f"{method}-{variant}"
+
+
+def generate_options(section):
+    """The `GenerateOptions` keys of a config section (rollout / eval): the generate rules' params."""
+    return {key: value for key, value in config[section].items() if key in GenerateOptions.__dataclass_fields__}
 
 
 def shards(section, name):
@@ -112,7 +119,7 @@ def prepare_tracking():
 
     from pipo.tracking import ensure_experiment, server_reachable, tracking_uri
 
-    uri = tracking_uri(config["mlflow"].get("tracking_uri"))
+    uri = tracking_uri(config["mlflow"]["tracking_uri"])
     if not server_reachable(uri):
         warnings.warn(f"MLflow tracking server {uri} unreachable; stages run without tracking")
         return

@@ -6,10 +6,12 @@ rule prompts:
     output:
         f"{R}/data/prompts/{{dataset}}.jsonl",
     params:
+        kind="prompts",
+        name=lambda wc: wc.dataset,
         dataset=lambda wc: config["rollout"]["datasets"][wc.dataset],
-        sft_fraction=config["rollout"].get("sft_fraction", 0.9),
-        seed=config["rollout"].get("seed", 0),
-        task=config["data"].get("synthetic", {}),
+        sft_fraction=config["rollout"]["sft_fraction"],
+        seed=config["rollout"]["seed"],
+        task=config["data"]["synthetic"],
     log:
         log_file("prompts", "dataset"),
     benchmark:
@@ -27,9 +29,11 @@ rule benchmark:
     output:
         f"{R}/data/bench/{{benchmark}}.jsonl",
     params:
+        kind="benchmark",
+        name=lambda wc: wc.benchmark,
         dataset=lambda wc: config["eval"]["benchmarks"][wc.benchmark],
-        seed=config["eval"].get("seed", 0),
-        task=config["data"].get("synthetic", {}),
+        seed=config["eval"]["seed"],
+        task=config["data"]["synthetic"],
     log:
         log_file("benchmark", "benchmark"),
     benchmark:
@@ -50,6 +54,7 @@ rule build_sft:
     output:
         f"{R}/data/sft.jsonl",
     params:
+        kind="sft",
         data=config["data"],
     log:
         log_file("build_sft"),
@@ -67,6 +72,9 @@ rule build_sft:
 use rule build_sft as build_rl with:
     output:
         f"{R}/data/rl.jsonl",
+    params:
+        kind="rl",
+        data=config["data"],
     log:
         log_file("build_rl"),
     benchmark:
@@ -83,8 +91,8 @@ rule cache_sft:
     output:
         directory(f"{R}/data/sft_cache"),
     params:
-        model_type=config["sft"].get("model_type", "pipo_qwen3_5"),
-        max_length=config["data"].get("cache_max_length", 65535),
+        model_type=config["sft"]["model_type"],
+        max_length=config["data"]["cache_max_length"],
     log:
         log_file("cache_sft"),
     benchmark:

@@ -9,7 +9,9 @@ rule generate:
     output:
         f"{R}/eval/{{variant}}/{{method}}/{{benchmark}}/{{shard}}.generations.jsonl",
     params:
-        sampling=config["eval"],
+        stage="eval",
+        options=generate_options("eval"),
+        prompt_budget=config["eval"]["prompt_budget"],
         shards=lambda wc: config["eval"]["benchmarks"][wc.benchmark]["shards"],
         method=lambda wc: wc.method,
         model_label=lambda wc: variant_model(wc.variant),
@@ -37,8 +39,9 @@ rule score:
         scores=f"{R}/eval/{{variant}}/{{method}}/{{benchmark}}/scores.jsonl",
         metrics=f"{R}/eval/{{variant}}/{{method}}/{{benchmark}}/metrics.json",
     params:
-        k=config["eval"].get("n", 4),
-        workers=config["eval"].get("score_workers", 1),
+        stage="eval",
+        k=config["eval"]["n"],
+        workers=config["eval"]["score_workers"],
         model_label=lambda wc: variant_model(wc.variant),
         method_label=lambda wc: method_label(wc.variant, wc.method),
     log:

@@ -32,7 +32,7 @@ if PRETRAINED:
             model=alternatives(PRETRAINED),
         params:
             model=lambda wc: MODELS[wc.model],
-            task=config["data"].get("synthetic", {}),
+            task=config["data"]["synthetic"],
         log:
             log_file("pretrain_model", "model"),
         benchmark:

@@ -5,11 +5,10 @@ rule report:
     input:
         METRICS,
     output:
-        REPORT_FILES,
+        tables=REPORT_FILES,
+        figures=directory(f"{R}/figures"),
     params:
-        tables=f"{R}/tables",
-        figures=f"{R}/figures",
-        method_order=config["report"].get("method_order", []),
+        method_order=config["report"]["method_order"],
     log:
         log_file("report"),
     benchmark:

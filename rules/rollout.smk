@@ -10,9 +10,12 @@ rule rollout:
     wildcard_constraints:
         teacher=alternatives([TEACHER["name"]]),
     params:
-        sampling=config["rollout"],
+        stage="rollout",
+        options=generate_options("rollout"),
+        prompt_budget=None,
         shards=lambda wc: config["rollout"]["datasets"][wc.dataset]["shards"],
         method="regular",
+        model_label=TEACHER["name"],
     log:
         log_file("rollout", "teacher", "dataset", "shard"),
     benchmark:
@@ -35,8 +38,9 @@ rule grade:
     wildcard_constraints:
         teacher=alternatives([TEACHER["name"]]),
     params:
-        k=config["rollout"].get("n", 1),
-        workers=config["rollout"].get("grade_workers", 1),
+        stage="grade",
+        k=config["rollout"]["n"],
+        workers=config["rollout"]["grade_workers"],
         model_label=TEACHER["name"],
         method_label="rollout",
     log:

@@ -14,7 +14,8 @@ rule sft:
     wildcard_constraints:
         model=alternatives([STUDENT["name"]]),
     params:
-        stage=config["sft"],
+        stage="sft",
+        settings=config["sft"],
     log:
         log_file("sft", "model"),
     benchmark:
@@ -38,7 +39,8 @@ rule opd:
     wildcard_constraints:
         model=alternatives([STUDENT["name"]]),
     params:
-        stage=config["opd"],
+        stage="opd",
+        settings=config["opd"],
     log:
         log_file("opd", "model"),
     benchmark:

@@ -146,7 +146,7 @@ CASES = [
     Case("duplicate problem", score(), "gens.jsonl:2: id: duplicate problem 'm1'", with_gens([MATH, MATH])),
     Case("non-UTF-8 generations", score(), "gens.jsonl:1: not UTF-8 text",
          lambda w, m: (w / "gens.jsonl").write_bytes(b'{"id": "\xfe"}\n')),
-    Case("k 0", score("--k", "0"), "--k and --workers must be >= 1"),
+    Case("k 0", score("--k", "0"), "k and workers must be >= 1"),
     Case("too many workers", score("--workers", "100000"), "--workers 100000: this machine has"),
     Case("other completions", score(), "scores.jsonl:1: completions_sha256: the verdicts of 'm1' were made for "
          "other completions", with_gens([{**MATH, "completions": [r"\boxed{4}"]}])),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from pipo.engine.graphs import GraphedFn, Launched, launch
+from pipo.engine.options import ENGINE_DEFAULTS
 from pipo.engine.parts import ModelParts
 from pipo.engine.sequence import Sequence
 from pipo.engine.stack import PagedStack
@@ -39,8 +40,8 @@ from pipo.model.sampling import (
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    conf_threshold: float = 0.5  # pipo: keep token2 when sigmoid(confidence) >= this
-    eagle_k: int = 3  # eagle: tokens drafted per step
+    conf_threshold: float = ENGINE_DEFAULTS.conf_threshold  # pipo: keep token2 when sigmoid(confidence) >= this
+    eagle_k: int = ENGINE_DEFAULTS.eagle_k  # eagle: tokens drafted per step
     prefill_chunk: int = 2048  # backbone positions per prefill pass (bounds activation memory)
     compile_layers: bool = False  # torch.compile the layers' pure segments (GPU: fuses the small kernels)
     block_size: int = 32  # positions per KV block

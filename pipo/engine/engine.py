@@ -47,6 +47,7 @@ from transformers import PreTrainedModel
 from pipo.engine.blocks import BlockPool, CachedPrompt, PrefixCache
 from pipo.engine.decoding import DECODERS, DecodeConfig
 from pipo.engine.graphs import Launched
+from pipo.engine.options import ENGINE_DEFAULTS
 from pipo.engine.parts import ModelParts, Prompt, encode_prompt, load_parts, load_tokenizer, parts_from_models
 from pipo.engine.parts import eos_token_ids as eos_token_ids_of
 from pipo.engine.sequence import Completion, RequestStats, Sequence, StopStrings
@@ -114,17 +115,17 @@ class Engine:
         mtp_head: MTPHead | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        max_batch_size: int = 8,
-        max_seq_len: int = 4096,
-        conf_threshold: float = 0.5,
-        eagle_k: int = 3,
+        max_batch_size: int = ENGINE_DEFAULTS.batch_size,
+        max_seq_len: int = ENGINE_DEFAULTS.max_seq_len,
+        conf_threshold: float = ENGINE_DEFAULTS.conf_threshold,
+        eagle_k: int = ENGINE_DEFAULTS.eagle_k,
         prefix_cache_size: int = 8,
         prefill_chunk: int = 2048,
         max_prefill_tokens: int | None = None,
         prefill_rows: int = 4,
         block_size: int = 32,
         num_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.9,
+        gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization,
         cuda_graphs: bool | None = None,
         compile_layers: bool | None = None,
         eos_token_ids: Seq[int] | None = None,
@@ -182,7 +183,8 @@ class Engine:
         self.oom_streak = 0
 
     @staticmethod
-    def blocks_for(method: str, max_seq_len: int, sequences: int, block_size: int = 32, eagle_k: int = 3) -> int:
+    def blocks_for(method: str, max_seq_len: int, sequences: int, block_size: int = 32,
+                   eagle_k: int = ENGINE_DEFAULTS.eagle_k) -> int:
         """The `num_blocks` that holds `sequences` sequences of `max_seq_len` at once (never preempts)."""
         config = DecodeConfig(eagle_k=eagle_k, block_size=block_size)
         return sequences * -(-DECODERS[method].capacity_probe(max_seq_len, config) // block_size) + 1

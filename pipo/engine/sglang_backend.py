@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
+from pipo.engine.options import ENGINE_DEFAULTS
 from pipo.engine.parts import Prompt, encode_prompt, load_tokenizer
 from pipo.engine.sequence import Completion, RequestStats
 from pipo.errors import PIPOError
@@ -17,8 +18,9 @@ from pipo.model.sampling import SamplingParams, derive_seed
 class SGLangEngine:
     """`sglang.Engine` for a regular checkpoint folder; `generate` mirrors `pipo.engine.Engine.generate`."""
 
-    def __init__(self, model: str | Path, method: str = "regular", *, max_batch_size: int = 8,
-                 max_seq_len: int = 4096, eagle_k: int = 3, dtype: str = "auto", **_unused) -> None:
+    def __init__(self, model: str | Path, method: str = "regular", *, max_batch_size: int = ENGINE_DEFAULTS.batch_size,
+                 max_seq_len: int = ENGINE_DEFAULTS.max_seq_len, eagle_k: int = ENGINE_DEFAULTS.eagle_k,
+                 dtype: str = ENGINE_DEFAULTS.dtype, **_unused) -> None:
         if method not in ("regular", "eagle"):
             raise PIPOError(f"the sglang backend serves the regular and eagle methods, not {method!r}")
         try:

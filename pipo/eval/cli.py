@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-from pipo.errors import PIPOError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,9 +81,6 @@ def _run_score(args: argparse.Namespace) -> int:
     from pipo.eval.sandbox import SandboxConfig  # heavy imports only when used
     from pipo.eval.scoring import score_generations
 
-    most = 4 * (os.cpu_count() or 1)
-    if args.workers > most:
-        raise PIPOError(f"--workers {args.workers}: this machine has {os.cpu_count()} CPUs; use at most {most}")
     sandbox = SandboxConfig(unsafe_no_sandbox=args.unsafe_no_sandbox)
     if args.unsafe_no_sandbox:
         print("pipo score: WARNING: --unsafe-no-sandbox: if bubblewrap does not work, model-written code "

@@ -66,7 +66,10 @@ def score_generations(
     malformed generation record, after saving every row scored before it.
     """
     if k < 1 or workers < 1:
-        raise PIPOError(f"--k and --workers must be >= 1, got k={k}, workers={workers}")
+        raise PIPOError(f"k and workers must be >= 1, got k={k}, workers={workers}")
+    if workers > 4 * (os.cpu_count() or 1):
+        raise PIPOError(f"workers {workers}: this machine has {os.cpu_count()} CPUs; use at most "
+                        f"{4 * (os.cpu_count() or 1)}")
     if not math.isfinite(math_timeout_s) or math_timeout_s <= 0:
         raise PIPOError(f"math_timeout_s must be a finite number > 0, got {math_timeout_s}")
     generations_path, scores_path, metrics_path = Path(generations_path), Path(scores_path), Path(metrics_path)

@@ -5,6 +5,9 @@ import argparse
 from pathlib import Path
 
 from pipo.engine import METHODS
+from pipo.engine.options import DTYPES, ENGINE_DEFAULTS as DEFAULTS
+
+SERVE_BATCH_SIZE = 32  # a server batches more requests than `pipo generate`'s default
 
 
 def register(subparsers) -> None:
@@ -14,26 +17,26 @@ def register(subparsers) -> None:
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the folder name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--conf-threshold", type=float, default=0.5, help="pipo: keep token2 when confidence >= T")
-    p.add_argument("--eagle-k", type=int, default=3, help="eagle: tokens drafted per step")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences decoded together at most")
-    p.add_argument("--max-seq-len", type=int, default=8192, help="prompt + completion tokens per sequence")
+    p.add_argument("--conf-threshold", type=float, default=DEFAULTS.conf_threshold, help="pipo: keep token2 when confidence >= T")
+    p.add_argument("--eagle-k", type=int, default=DEFAULTS.eagle_k, help="eagle: tokens drafted per step")
+    p.add_argument("--batch-size", type=int, default=SERVE_BATCH_SIZE, help="sequences decoded together at most")
+    p.add_argument("--max-seq-len", type=int, default=DEFAULTS.max_seq_len, help="prompt + completion tokens per sequence")
     p.add_argument("--reasoning-parser", choices=("none", "think"), default="none",
                    help="think: text before </think> goes to reasoning_content")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    p.add_argument("--gpu-memory-utilization", type=float, default=DEFAULTS.gpu_memory_utilization,
                    help="share of GPU memory for weights + KV blocks + workspaces")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (overrides the budget)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    p.add_argument("--num-blocks", type=int, default=DEFAULTS.num_blocks, help="KV blocks in the pool (overrides the budget)")
+    p.add_argument("--device", default=DEFAULTS.device)
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pipo.engine.cli import torch_dtype
+    from pipo.engine.generate import torch_dtype
     from pipo.engine.engine import Engine
     from pipo.serve.app import create_app
     from pipo.serve.runner import EngineRunner
