@@ -38,7 +38,7 @@ def _key_path(path: Any) -> str:
 def _describe(error: Any, root: Mapping[str, Any]) -> str:
     """One error as `config key 'a.b': what is wrong`, naming unknown keys themselves."""
     if error.validator in ("additionalProperties", "unevaluatedProperties"):
-        known = sorted(_merged(error.schema, root).get("properties", {}))
+        known = sorted(merged_ref(error.schema, root).get("properties", {}))
         extra = sorted(set(error.instance) - set(known))
         where = [f"{_key_path(error.absolute_path)}.{k}".lstrip(".").replace("<top level>.", "") for k in extra]
         return f"unknown config key(s) {where}; known here: {known}"
@@ -51,7 +51,7 @@ def _wants_text(schema: Mapping[str, Any]) -> bool:
     return "string" in kinds or not (kinds or "enum" in schema)
 
 
-def _merged(schema: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any]:
+def merged_ref(schema: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any]:
     """A sub-schema with its local `$ref` (`#/$defs/name`) merged in: its own keywords win, `properties` are joined."""
     ref = schema.get("$ref")
     if not isinstance(ref, str) or not ref.startswith("#/"):
@@ -59,7 +59,7 @@ def _merged(schema: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any
     target: Any = root
     for part in ref[2:].split("/"):
         target = target[part]
-    base, own = _merged(target, root), {k: v for k, v in schema.items() if k != "$ref"}
+    base, own = merged_ref(target, root), {k: v for k, v in schema.items() if k != "$ref"}
     return {**base, **own, "properties": {**base.get("properties", {}), **own.get("properties", {})}}
 
 
@@ -73,13 +73,13 @@ def coerce_to_schema(config: dict[str, Any], schema: Mapping[str, Any], root: Ma
     import yaml
 
     root = schema if root is None else root
-    schema = _merged(schema, root)
+    schema = merged_ref(schema, root)
     properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
     for key, value in config.items():
         sub = properties.get(key, extra if isinstance(extra, Mapping) else None)
         if sub is None:
             continue
-        sub = _merged(sub, root)
+        sub = merged_ref(sub, root)
         if isinstance(value, dict):
             coerce_to_schema(value, sub, root)
         elif isinstance(value, str) and not _wants_text(sub):

@@ -96,23 +96,23 @@ CASES = [
     Case("temperature nan", generate("--temperature", "nan"), "temperature must be a finite number, got nan"),
     Case("temperature inf", generate("--temperature", "inf"), "temperature must be a finite number, got inf"),
     Case("presence penalty nan", generate("--presence-penalty", "nan"), "presence_penalty must be a finite number"),
-    Case("threshold nan", generate("--conf-threshold", "nan"), "--conf-threshold must be a finite number"),
-    Case("threshold -inf", generate("--conf-threshold=-inf"), "--conf-threshold must be a finite number"),
+    Case("threshold nan", generate("--conf-threshold", "nan"), "conf_threshold must be a finite number"),
+    Case("threshold -inf", generate("--conf-threshold=-inf"), "conf_threshold must be a finite number"),
     Case("top-p 0", generate("--top-p", "0"), "top_p must be in (0, 1], got 0.0"),
     Case("top-p 1.5", generate("--top-p", "1.5"), "top_p must be in (0, 1], got 1.5"),
     Case("min-p 1", generate("--min-p", "1"), "min_p must be in [0, 1)"),
     Case("negative temperature", generate("--temperature", "-1"), "temperature must be >= 0"),
-    Case("n 0", generate("--n", "0"), "--n must be in [1, 1024], got 0"),
+    Case("n 0", generate("--n", "0"), "n must be in [1, 1024], got 0"),
     Case("n not a number", generate("--n", "four"), "argument --n: invalid int value: 'four'"),
     Case("unknown method", generate("--method", "fast"), "argument --method: invalid choice: 'fast'"),
     # generate: sizes the model / machine cannot hold
     Case("max-seq-len beyond positions", generate("--max-seq-len", "100000"),
-         "--max-seq-len 100000 exceeds the model's max_position_embeddings 8192"),
+         "max_seq_len 100000 exceeds the model's max_position_embeddings 8192"),
     Case("batch-size beyond memory", generate("--batch-size", "1000000000", "--max-seq-len", "8192"),
-         "--batch-size 1000000000 x --max-seq-len 8192 needs"),
+         "batch_size 1000000000 x max_seq_len 8192 needs"),
     # generate: device and model folder
     Case("device cuda without CUDA", generate("--device", "cuda"), "CUDA is not available"),
-    Case("device name", generate("--device", "gpu0"), "--device 'gpu0' is not a device name"),
+    Case("device name", generate("--device", "gpu0"), "device 'gpu0' is not a device name"),
     Case("missing model folder", generate(model="no/such/model"), "no/such/model: no such model folder"),
     Case("folder without tokenizer", lambda w, m: generate(model=str(w / "broken_model"))(w, m),
          "broken_model: the folder has no tokenizer", model_without("tokenizer*", "vocab*", "merges*")),
@@ -147,7 +147,7 @@ CASES = [
     Case("non-UTF-8 generations", score(), "gens.jsonl:1: not UTF-8 text",
          lambda w, m: (w / "gens.jsonl").write_bytes(b'{"id": "\xfe"}\n')),
     Case("k 0", score("--k", "0"), "k and workers must be >= 1"),
-    Case("too many workers", score("--workers", "100000"), "--workers 100000: this machine has"),
+    Case("too many workers", score("--workers", "100000"), "workers 100000: this machine has"),
     Case("other completions", score(), "scores.jsonl:1: completions_sha256: the verdicts of 'm1' were made for "
          "other completions", with_gens([{**MATH, "completions": [r"\boxed{4}"]}])),
     # report
@@ -250,6 +250,7 @@ SNAKEMAKE_CASES = [
     ("nested type", {"sft": {"pipo": {"mtp_weight": "heavy"}}},
      "config key 'sft.pipo.mtp_weight': 'heavy' is not of type 'number'"),
     ("nan temperature", {"eval": {"temperature": math.nan}}, "config key 'eval.temperature': nan is not a finite"),
+    ("section typo", {"eval": {"conf_treshold": 0.9}}, "unknown config key(s) ['eval.conf_treshold']"),
 ]
 
 
@@ -276,18 +277,20 @@ def test_schema_of_nested_pipo_sections_follows_the_settings_dataclass():
 
     from pipo.model.config import COMPRESSOR_TYPES
     from pipo.train.settings import DIVERGENCES, TrainSettings
+    from pipo.workflow import load_schema, merged_ref
     from tests.test_workflow_config import SCHEMA
 
-    schema = json.loads(SCHEMA.read_text())
+    schema = load_schema(SCHEMA)
     nested = schema["$defs"]["train_pipo"]
     assert nested["additionalProperties"] is False
     for section in ("sft", "opd"):
-        assert schema["properties"][section]["properties"]["pipo"] == {"$ref": "#/$defs/train_pipo"}
+        assert merged_ref(schema["properties"][section], schema)["properties"]["pipo"]["$ref"] == "#/$defs/train_pipo"
     json_type = {"float": "number", "int": "integer", "str": "string", "bool": "boolean"}
     expected = {f.name: json_type[type(f.default).__name__] for f in fields(TrainSettings)}
     enums = {"divergence": list(DIVERGENCES), "compressor_type": list(COMPRESSOR_TYPES)}
     assert set(nested["properties"]) == set(expected)
     for name, prop in nested["properties"].items():
+        prop = merged_ref(prop, schema)
         if name in enums:
             assert prop["enum"] == enums[name], name
         else:

@@ -383,11 +383,12 @@ def test_gated_dataset_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_generate_rule_fits_longbench_prompts_with_the_models_tokenizer(tmp_path: Path, cache: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The workflow's generate step hands `pipo generate` prompts fitted to the eval section's
+    """The workflow's generate step hands `generate_jsonl` prompts fitted to the eval section's
     budget (`prompt_budget` over max_seq_len - max_new_tokens), measured with the model folder's tokenizer."""
     import shutil
 
     from pipo import workflow
+    from pipo.engine.options import GenerateOptions
     from pipo.model.tiny import default_corpus, train_tokenizer
 
     train_tokenizer(default_corpus(200)).save_pretrained(tmp_path / "model")
@@ -395,19 +396,18 @@ def test_generate_rule_fits_longbench_prompts_with_the_models_tokenizer(tmp_path
     write_jsonl(tmp_path / "bench.jsonl", load_benchmark("longbench_v2", tmp_path / "lb", cache_dir=cache))
     handed: list[list[dict]] = []
 
-    def fake_generate(argv: list[str]) -> None:
-        given = Path(argv[argv.index("--input") + 1])
+    def fake_generate(model, method, given, output, options, *, overwrite) -> None:
         handed.append(read_jsonl(given))
-        shutil.copy(given, argv[argv.index("--output") + 1])
+        shutil.copy(given, output)
 
-    monkeypatch.setattr(workflow, "run_cli", fake_generate)
-    section = {"max_seq_len": 1000, "max_new_tokens": 600, "prompt_budget": None}
-    workflow.generate_shard(tmp_path / "bench.jsonl", tmp_path / "model", "regular", tmp_path / "0.jsonl", section,
-                            shard=0, shards=1)
+    monkeypatch.setattr(workflow, "generate_jsonl", fake_generate)
+    options = GenerateOptions(max_seq_len=1000, max_new_tokens=600)
+    workflow.generate_shard(tmp_path / "bench.jsonl", tmp_path / "model", "regular", tmp_path / "0.jsonl", options,
+                            prompt_budget=None, shard=0, shards=1)
     assert [r["metadata"]["prompt_tokens"]["budget"] for r in handed[0]] == [400, 400]
     assert all(r["metadata"]["prompt_tokens"]["kept"] <= 400 < r["metadata"]["prompt_tokens"]["original"] for r in handed[0])
-    workflow.generate_shard(tmp_path / "bench.jsonl", tmp_path / "model", "regular", tmp_path / "1.jsonl",
-                            {**section, "prompt_budget": 250}, shard=1, shards=2)
+    workflow.generate_shard(tmp_path / "bench.jsonl", tmp_path / "model", "regular", tmp_path / "1.jsonl", options,
+                            prompt_budget=250, shard=1, shards=2)
     assert [r["metadata"]["prompt_tokens"]["budget"] for r in handed[1]] == [250]
 
 

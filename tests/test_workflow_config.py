@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipo.train.stages import OPDStageConfig, SFTStageConfig
-from pipo.workflow import ConfigError, generate_args, validate_config
+from pipo.workflow import ConfigError, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT / "rules" / "config.schema.json"
+SCHEMA = ROOT / "rules" / "config.schema.yaml"
 WORKFLOW_FILES = ("Snakefile", "rules", "workflow_scripts", "presets", "config.yaml", "slurm", "envs")
 SNAKEMAKE = shutil.which("snakemake")
 
@@ -38,19 +38,73 @@ def test_unknown_key_and_wrong_type_are_named():
     assert "config key 'eval.n': 'four' is not of type 'integer'" in message
 
 
-def test_stage_sections_only_hold_stage_config_keys():
-    """The schema's sft/opd keys are keys of the stage dataclasses (no drift between them)."""
-    import json
+def minimal_config() -> dict:
+    """Only what the schema requires, so every other value is the schema's default."""
+    model = {"name": "m", "source": None}
+    return {"models": {"student": model, "teacher": {**model, "name": "t"}},
+            "rollout": {"datasets": {"synthetic": {"shards": 1}}}, "data": {}, "sft": {}, "opd": {},
+            "eval": {"benchmarks": {"synthetic_math": {"shards": 1}}, "methods": {"base": ["regular"]}},
+            "report": {}, "mlflow": {}, "resources": {"default": {"gpus": 0, "mem_mb": 1, "runtime": 1, "threads": 1}}}
 
-    schema = json.loads(SCHEMA.read_text())["properties"]
+
+def test_schema_defaults_are_the_librarys_defaults():
+    """Each default the schema fills in equals the one of the dataclass or function that reads the value."""
+    import inspect
+
+    from pipo.data import sources
+    from pipo.data.build import build_data_file
+    from pipo.data.synthetic import ArithmeticConfig
+    from pipo.engine.options import GenerateOptions
+    from pipo.eval.scoring import score_generations
+    from pipo.report import DEFAULT_METHOD_ORDER
+    from pipo.train.pretrain import PretrainConfig
+    from pipo.train.settings import TrainSettings
+    from pipo.train.stages import run_cache
+
+    config = minimal_config()
+    config["models"]["student"]["pretrain"] = {}
+    validate_config(config, SCHEMA)
     fixed = {"model", "dataset", "output_dir", "teacher"}  # set by the workflow
-    assert set(schema["sft"]["properties"]) == {f.name for f in fields(SFTStageConfig)} - fixed
-    assert set(schema["opd"]["properties"]) == {f.name for f in fields(OPDStageConfig)} - fixed
+    for section, cls in (("sft", SFTStageConfig), ("opd", OPDStageConfig)):
+        expected = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)
+                    if f.name not in fixed}
+        assert config[section] == {**expected, "pipo": asdict(TrainSettings())}, section
+    for section in ("rollout", "eval"):
+        assert GenerateOptions.from_section(config[section]) == GenerateOptions(), section
+    assert config["models"]["student"]["pretrain"] == {k: v for k, v in asdict(PretrainConfig()).items() if k != "task"}
+    assert config["data"]["synthetic"] == asdict(ArithmeticConfig())
+    signature = {**inspect.signature(build_data_file).parameters, **inspect.signature(run_cache).parameters}
+    assert config["data"]["sft_selection"] == signature["sft_selection"].default
+    assert config["data"]["rl_min_accuracy"] == signature["rl_min_accuracy"].default
+    assert config["data"]["cache_max_length"] == signature["max_length"].default
+    assert config["rollout"]["sft_fraction"] == sources.SFT_FRACTION
+    workers = inspect.signature(score_generations).parameters["workers"].default
+    assert config["rollout"]["grade_workers"] == config["eval"]["score_workers"] == workers
+    assert config["report"]["method_order"] == list(DEFAULT_METHOD_ORDER)
 
 
-def test_generate_args_follow_the_section():
-    assert generate_args({"n": 4, "top_p": 0.95, "backend": "native", "datasets": {}, "conf_threshold": None}) == [
-        "--n", "4", "--top-p", "0.95", "--backend", "native"]
+def test_engine_options_have_one_default():
+    """`pipo generate`, `pipo serve`, `Engine` and its decode config take their engine defaults from
+    `GenerateOptions`; the sampler's defaults are the same numbers."""
+    import inspect
+
+    from pipo.cli import build_parser
+    from pipo.engine.decoding import DecodeConfig
+    from pipo.engine.engine import Engine
+    from pipo.engine.options import GenerateOptions
+    from pipo.model.sampling import SamplingParams
+
+    defaults = GenerateOptions()
+    args = build_parser().parse_args(["generate", "--model", "m", "--method", "pipo", "--input", "i", "--output", "o"])
+    parsed = {f.name: getattr(args, {"stop_token_ids": "stop_token_id"}.get(f.name, f.name)) for f in fields(defaults)}
+    assert GenerateOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in parsed.items()}) == defaults
+    serve = build_parser().parse_args(["serve", "--model", "m"])
+    engine = inspect.signature(Engine).parameters
+    for name in ("conf_threshold", "eagle_k", "max_seq_len", "gpu_memory_utilization"):
+        assert getattr(serve, name) == engine[name].default == getattr(defaults, name), name
+    assert engine["max_batch_size"].default == defaults.batch_size
+    assert (DecodeConfig().conf_threshold, DecodeConfig().eagle_k) == (defaults.conf_threshold, defaults.eagle_k)
+    assert asdict(SamplingParams()) == {f.name: getattr(defaults, f.name) for f in fields(SamplingParams)}
 
 
 def workflow_copy(tmp_path: Path) -> Path:
@@ -91,3 +145,12 @@ def test_bad_override_stops_the_run_naming_the_key(tmp_path):
     result = snakemake(workdir, "-n", "--cores", "1", "all", "--config", "rollout={n: many}")
     assert result.returncode != 0
     assert "config key 'rollout.n': 'many' is not of type 'integer'" in result.stdout + result.stderr
+
+
+@pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake not installed")
+@pytest.mark.parametrize("configfile", ["config.yaml", "presets/demo.yaml"])
+def test_lint_is_clean(tmp_path, configfile):
+    """`snakemake --lint` finds nothing in the workflow, under the paper config and the demo preset."""
+    workdir = workflow_copy(tmp_path)
+    result = snakemake(workdir, "--lint", "--configfile", configfile)
+    assert result.returncode == 0 and "Congratulations" in result.stdout + result.stderr, result.stdout + result.stderr
