@@ -4,7 +4,8 @@
     snakemake --profile slurm all                              # the same DAG on a SLURM cluster
     snakemake --configfile presets/demo.yaml --cores 2 all     # tiny CPU demo, minutes
 
-The config is validated against rules/config.schema.yaml before anything runs; any value
+The config is validated against rules/config.schema.yaml before anything runs, and every
+default the schema declares is filled in (rules read `config[section][key]`); any value
 can be overridden on the command line, nested ones as YAML that Snakemake merges into the
 section: `--config 'sft={learning_rate: 5.0e-5}' 'eval={n: 8}'`.
 """
