@@ -95,7 +95,8 @@ def load_schema(schema_path: str | Path) -> dict[str, Any]:
     """The config schema (YAML), read with libyaml when PyYAML has it (start-up time)."""
     import yaml
 
-    return yaml.load(Path(schema_path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(Path(schema_path).read_text(encoding="utf-8"), Loader=loader)
 
 
 def _filling_validator(schema: Mapping[str, Any]) -> Any:

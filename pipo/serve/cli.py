@@ -17,17 +17,20 @@ def register(subparsers) -> None:
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the folder name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--conf-threshold", type=float, default=DEFAULTS.conf_threshold, help="pipo: keep token2 when confidence >= T")
+    p.add_argument("--conf-threshold", type=float, default=DEFAULTS.conf_threshold,
+                   help="pipo: keep token2 when confidence >= T")
     p.add_argument("--eagle-k", type=int, default=DEFAULTS.eagle_k, help="eagle: tokens drafted per step")
     p.add_argument("--batch-size", type=int, default=SERVE_BATCH_SIZE, help="sequences decoded together at most")
-    p.add_argument("--max-seq-len", type=int, default=DEFAULTS.max_seq_len, help="prompt + completion tokens per sequence")
+    p.add_argument("--max-seq-len", type=int, default=DEFAULTS.max_seq_len,
+                   help="prompt + completion tokens per sequence")
     p.add_argument("--reasoning-parser", choices=("none", "think"), default="none",
                    help="think: text before </think> goes to reasoning_content")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
     p.add_argument("--gpu-memory-utilization", type=float, default=DEFAULTS.gpu_memory_utilization,
                    help="share of GPU memory for weights + KV blocks + workspaces")
-    p.add_argument("--num-blocks", type=int, default=DEFAULTS.num_blocks, help="KV blocks in the pool (overrides the budget)")
+    p.add_argument("--num-blocks", type=int, default=DEFAULTS.num_blocks,
+                   help="KV blocks in the pool (overrides the budget)")
     p.add_argument("--device", default=DEFAULTS.device)
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
     p.set_defaults(func=run)
