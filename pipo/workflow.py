@@ -207,8 +207,8 @@ def generate_shard(
     (`prompt_budget`, else max_seq_len - max_new_tokens) with the model's tokenizer (`pipo.eval.truncation`).
     """
     from pipo.data.build import shard as take_shard
-    from pipo.jsonl import read_jsonl, write_jsonl
     from pipo.eval.truncation import fit_to_model
+    from pipo.jsonl import read_jsonl, write_jsonl
     from pipo.provenance import move_with_meta
 
     output = Path(output)
