@@ -16,6 +16,7 @@ from tests.test_workflow_config import SNAKEMAKE, snakemake, workflow_copy
 pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake not installed")
 DEMO = ("--configfile", "presets/demo.yaml")
 DIRECTORY_RULES = {"pretrain_model", "cache_sft", "merge"}  # rules whose output is a `directory()`
+DIRECTORY_OUTPUTS = {"results/figures"}  # the report rule's plots, next to its table files
 # the demo's evaluation: 2 benchmarks x 1 shard; sft and opd each evaluated with [pipo]
 AFTER_OPD = {"opd": 1, "merge": 1, "generate": 2, "score": 2, "report": 1, "all": 1}
 
@@ -40,7 +41,7 @@ def tree(tmp_path_factory) -> Path:
     for line in summary.stdout.splitlines()[1:]:
         output, _, rule = line.split("\t")[:3]
         path = workdir / output
-        if rule in DIRECTORY_RULES:
+        if rule in DIRECTORY_RULES or output in DIRECTORY_OUTPUTS:
             path.mkdir(parents=True, exist_ok=True)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
