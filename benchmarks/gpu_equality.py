@@ -4,7 +4,8 @@ A tiny random Qwen3.5-shaped checkpoint (`pipo.model.tiny.make_tiny_backbone`), 
 (TF32 off) so that ties cannot differ by rounding; the engine runs its GPU path (CUDA graphs,
 the Triton paged decode kernel over blocks of 16, fla's gated-delta kernels when installed)
 with a pool small enough that sequences are preempted, n = 2 samples sharing prompt blocks.
-The references run on the CPU. Prints one line per method; exits 1 on any mismatch.
+The references run on the GPU too (Hugging Face's forward; with fla installed its CPU path would
+call fla's Triton kernels on CPU tensors). Prints one line per method; exits 1 on any mismatch.
 `python benchmarks/gpu_equality.py [--compile]` (`--compile`: torch.compile the layers too).
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> None:
         start = time.perf_counter()
         if method == "pipo":
             torch.manual_seed(0)
-            ref_model = PIPOForCausalLM.from_backbone(str(path), compressor_type="mlp").float().eval()
+            ref_model = PIPOForCausalLM.from_backbone(str(path), compressor_type="mlp").float().cuda().eval()
             with torch.no_grad():  # make the confidence head's decisions vary between steps
                 ref_model.confidence_head.fc2.weight.normal_(0, 2.0)
             expected = [generate_pipo_reference(ref_model, p, NEW, GREEDY, 0.5, EOS).raw_ids for p in PROMPTS]
@@ -64,7 +65,7 @@ def main() -> None:
             got_ids = [[c.raw_ids for c in row] for row in got]
         else:
             model, mtp = load_regular(path, with_mtp=True)
-            model, mtp = model.float().eval(), mtp.float().eval()
+            model, mtp = model.float().cuda().eval(), mtp.float().cuda().eval()
             if method == "mtp":
                 expected = [generate_mtp_reference(model, mtp, p, NEW, GREEDY, EOS).token_ids for p in PROMPTS]
             else:

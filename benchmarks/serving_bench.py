@@ -59,6 +59,32 @@ def step_bound_bytes(engine: Engine, weights: int, per_position: int, state_rw: 
     return weights + sum(s.length for s in engine.running.values()) * per_position + len(engine.running) * state_rw
 
 
+class DeviceTime:
+    """Sums the device time of one method's calls (CUDA events around each call, read at the end): where
+    a step's time goes between decode steps, prefill forwards and first-token sampling."""
+
+    def __init__(self, obj, name: str) -> None:
+        self.pairs: list = []
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            self.pairs.append((start, end))
+            return out
+
+        setattr(obj, name, timed)
+
+    def reset(self) -> None:
+        self.pairs.clear()
+
+    def total_ms(self) -> float:
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.pairs)
+
+
 def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int, bandwidth: float) -> dict:
     """Feed the workload, step for `seconds`, and report throughput against the bytes bound."""
     dec = engine.decoder
@@ -70,10 +96,13 @@ def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int,
         for j in range(4):
             engine.add_request(f"{i}.{j}", ids, params, max_new_tokens=lengths[4 * i + j], seed=i * 4 + j)
     torch.cuda.reset_peak_memory_stats()
+    timers = {name: DeviceTime(dec, name) for name in ("step", "prefill", "first")}
     for _ in range(20):  # warm-up: first prefills, compilation of new shapes
         engine.step()
     torch.cuda.synchronize()
     engine.metrics.clear()
+    for timer in timers.values():
+        timer.reset()
     tokens, bound_s, start = 0, 0.0, time.perf_counter()
     while engine.has_unfinished() and time.perf_counter() - start < seconds:
         for update in engine.step():
@@ -89,6 +118,9 @@ def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int,
         "max_in_flight": engine.metrics["running_max"], "preemptions": engine.metrics["preemptions"],
         "prefix_hit_rate": engine.prefix_cache.hit_rate, "steps": steps, "wall_s": wall, "tokens": tokens,
         "num_blocks": engine.num_blocks, "max_batch": engine.max_batch_size,
+        "decode_ms_per_step": timers["step"].total_ms() / steps, "prefill_ms": timers["prefill"].total_ms(),
+        "first_ms": timers["first"].total_ms(), "prefill_forwards": engine.metrics["prefill_forwards"],
+        "prefill_tokens": engine.metrics["prefill_tokens"], "prefill_rows_max": engine.metrics["prefill_rows_max"],
     }
     row["share_of_bound"] = row["tok_s"] / row["bound_tok_s"]
     for request in list(engine.requests):

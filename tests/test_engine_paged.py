@@ -18,7 +18,8 @@ EOS = [2]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], list(range(30, 52)), [5, 6, 7, 8, 9, 10, 11, 12, 13], [100],
            [20, 21, 22]]
 NEW = 12
-TIGHT = dict(block_size=4, max_seq_len=40, max_batch_size=3, prefill_chunk=8, prefill_rows=2)
+# prefill: chunks of 8, up to 2 prompts per forward (16 tokens, padded)
+TIGHT = dict(block_size=4, max_seq_len=40, max_batch_size=3, prefill_chunk=8, prefill_rows=2, max_prefill_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,7 @@ def test_regular_methods_exact_under_preemption(qwen_regular, method):
     assert [[c.token_ids for c in row] for row in out] == [[e, e] for e in expected]
     assert engine.metrics["preemptions"] > 0
     assert engine.prefix_cache.hit_blocks > 0
+    assert engine.metrics["prefill_rows_max"] == 2  # prompts prefilled together in one padded forward
     check_no_leaks(engine)
 
 
@@ -68,6 +70,7 @@ def test_pipo_exact_under_preemption(pipo_model, tau):
     out = engine.generate(PROMPTS, GREEDY, max_new_tokens=NEW, n=2)
     assert [[c.raw_ids for c in row] for row in out] == [[r.raw_ids, r.raw_ids] for r in expected]
     assert engine.metrics["preemptions"] > 0
+    assert engine.metrics["prefill_rows_max"] == 2
     check_no_leaks(engine)
 
 
@@ -180,3 +183,21 @@ def test_counter_based_draws_keep_the_laws():
     for law, tokens in ((q, drafts), (p[0], torch.where(accepted == 1, drafts, bonus))):
         freq = torch.bincount(tokens, minlength=6).float() / trials
         assert (freq - law).abs().sum() / 2 < 0.01  # total variation; ~0.004 expected at this sample size
+
+
+def test_recurrent_launch_config_is_timed_once_per_shape_and_never_while_capturing(monkeypatch):
+    """The delta-rule decode kernel's launch config: timed on first use of a shape, then cached; a shape first
+    seen inside a CUDA-graph capture (where timing is impossible) gets fla's default and stays untimed."""
+    from pipo.engine import kernels
+
+    timed = []
+    monkeypatch.setattr(kernels, "_CONFIGS", {})
+    monkeypatch.setattr(kernels, "_time_configs", lambda kernel, k, v, dtype: timed.append(k) or (32, 4))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    shape, other = (4, 1, 2, 8), (8, 1, 2, 8)
+    assert kernels._launch_config(None, shape, shape, torch.bfloat16) == (32, 4)
+    assert kernels._launch_config(None, shape, shape, torch.bfloat16) == (32, 4)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert kernels._launch_config(None, shape, shape, torch.bfloat16) == (32, 4)
+    assert kernels._launch_config(None, other, other, torch.bfloat16) == kernels.LAUNCH_CONFIGS[0]
+    assert timed == [shape]

@@ -108,3 +108,24 @@ def test_sampling_params_reject_values_naming_the_field(field, value):
 def test_sampling_params_accept_the_edges():
     SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
     assert SamplingParams(temperature=0.0).greedy and not SamplingParams(temperature=1e-3).greedy
+
+
+def test_top_k_rows_race_over_their_candidates_only():
+    """With every sampled row top-k'd, `sample_rows` draws over the top-k candidates with the noise of those ids,
+    and picks the token the whole-vocabulary race picks (top-p, min-p, temperatures, a greedy row mixed in)."""
+    from pipo.model.sampling import RowParams, SamplingMode, row_uniforms_at, sample_rows
+
+    params = [SamplingParams(1.0, 0.9, 5), SamplingParams(0.7, 1.0, 3), SamplingParams(0.0),
+              SamplingParams(1.0, 0.5, 8, 0.1), SamplingParams(2.0, 0.95, 20), SamplingParams(1.0, 1.0, 1)]
+    rows = RowParams(*(torch.tensor([getattr(p, name) for p in params]) for name in
+                       ("temperature", "top_p", "top_k", "min_p", "presence_penalty")))
+    mode = SamplingMode.of(params)
+    whole = SamplingMode(mode.greedy, mode.penalty, mode.top_k, mode.top_p, mode.min_p, top_k_all=False)
+    assert mode.top_k_all and mode.top_k == 32
+    torch.manual_seed(0)
+    logits, seeds = torch.randn(len(params), 50), torch.arange(len(params))
+    for counter in range(30):
+        noise = lambda columns, c=counter: row_uniforms_at(seeds, seeds * 3 + c, 1, columns)  # noqa: E731
+        fast = sample_rows(logits, rows, mode, noise)
+        assert fast.tolist() == sample_rows(logits, rows, whole, noise).tolist()
+        assert fast[2] == logits[2].argmax() and fast[5] == logits[5].argmax()

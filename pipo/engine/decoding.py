@@ -2,8 +2,8 @@
 
 A decoder owns the KV block pools, the block tables and the per-slot state of every
 running sequence (linear-attention states, last hidden, presence marks, sampling
-parameters and seed). `prefill_chunk` runs a slot's prompt positions `[lo, hi)` (and
-the MTP head's cache over the prompt's gold tokens); `first` samples the first token(s)
+parameters and seed). `prefill` runs prompt positions `[lo, hi)` of several rows in one
+padded forward (and the MTP head's cache over the prompts' gold tokens); `first` samples the first token(s)
 of a prefilled slot; `step` advances every active slot in rows `[0, B)` by one backbone
 pass. Model calls of a decode step go through `graphs.GraphedFn`, which replays CUDA graphs
 captured per batch-size bucket on GPU and runs eagerly elsewhere; `graphs.launch` starts the
@@ -17,6 +17,7 @@ draw of the step), so a sequence's tokens do not depend on its batch, slot or pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -30,12 +31,21 @@ from pipo.model.sampling import (
     SamplingMode,
     SamplingParams,
     row_probabilities,
-    row_uniforms,
+    row_uniforms_at,
     sample_probs,
     sample_rows,
     seed32,
     speculative_accept,
 )
+
+
+class PrefillChunk(NamedTuple):
+    """Positions `lo..hi-1` of a prompt (`units`: its token ids, pairs for PIPO) to prefill in prefill row `row`."""
+
+    row: int
+    units: tuple[int, ...]
+    lo: int
+    hi: int
 
 
 @dataclass(frozen=True)
@@ -88,8 +98,8 @@ class Decoder:
         self.row = RowParams(floats[0], torch.ones(slots, device=self.device),
                              torch.zeros(slots, dtype=torch.long, device=self.device), floats[1], floats[2])
         self.seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
-        # the noise is a dozen elementwise integer ops over [B, vocab]: one fused kernel when compiled
-        self.row_uniforms = torch.compile(row_uniforms, dynamic=None) if config.compile_layers else row_uniforms
+        # the noise is a dozen elementwise integer ops over [B, columns]: one fused kernel when compiled
+        self.row_uniforms_at = torch.compile(row_uniforms_at, dynamic=None) if config.compile_layers else row_uniforms_at
         pool = torch.cuda.graph_pool_handle() if graphs else None
         self.backbone_step = GraphedFn(self._backbone_step, pool)
         self.mtp_step = GraphedFn(self._mtp_step, pool)
@@ -157,10 +167,10 @@ class Decoder:
         hidden = self.backbone.forward(self.inputs(ids), rows, positions, kv_len, record=self.record_steps > 0)
         return hidden, self.lm(hidden)
 
-    def _mtp_hidden(self, rows: slice, kv_len: int, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                    recurrent: bool = True) -> torch.Tensor:
+    def _mtp_hidden(self, rows: slice | torch.Tensor, kv_len: int, tokens: torch.Tensor, hidden: torch.Tensor,
+                    positions: torch.Tensor, recurrent: bool = True, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = self.parts.mtp.fuse_inputs(self.embed(tokens), hidden)
-        return self.mtp.forward(x, rows, positions, kv_len, recurrent=recurrent)
+        return self.mtp.forward(x, rows, positions, kv_len, recurrent=recurrent, lengths=lengths)
 
     def _mtp_step(self, rows: slice, kv_len: int, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor):
         m = self._mtp_hidden(rows, kv_len, tokens, hidden, positions)
@@ -198,7 +208,12 @@ class Decoder:
         """Counter-based uniforms [B, width] of the rows at their current cache lengths (None when all greedy)."""
         if self.mode.greedy:
             return None
-        return self.row_uniforms(self.seeds[rows], self.lengths[rows], salt, width or self.vocab)
+        return self.noise(rows, salt)(torch.arange(width or self.vocab, device=self.device)[None])
+
+    def noise(self, rows: slice, salt: int):
+        """`columns [B or 1, n] -> uniforms [B, n]`: the rows' counter-based noise at those ids."""
+        seeds, counters = self.seeds[rows], self.lengths[rows]
+        return lambda columns: self.row_uniforms_at(seeds, counters, salt, columns)
 
     def probs(self, logits: torch.Tensor, rows: slice, seen: torch.Tensor, repeat: int = 1) -> torch.Tensor:
         """Processed distributions of logits [B * repeat, V] (each row's `repeat` entries consecutive)."""
@@ -208,7 +223,7 @@ class Decoder:
         return row_probabilities(logits, params, self.mode, self.banned, seen)
 
     def pick(self, logits: torch.Tensor, rows: slice, salt: int) -> torch.Tensor:
-        return sample_rows(logits, self.row[rows], self.mode, self.uniforms(rows, salt), self.banned, self.seen[rows])
+        return sample_rows(logits, self.row[rows], self.mode, self.noise(rows, salt), self.banned, self.seen[rows])
 
     def live(self, seqs: dict[int, Sequence], values: list, stepped: bool, width: int):
         """`(sequence, its values)` for sequences still running; a `stepped` pass counts and grows them by `width`.
@@ -289,26 +304,51 @@ class Decoder:
         return max(length - 1, 0) if self.mtp is not None else length
 
     @torch.no_grad()
-    def prefill_chunk(self, slot: int, units: tuple[int, ...], lo: int, hi: int) -> None:
-        """Run the backbone over positions `lo..hi-1` of `units` (earlier ones are in the cache).
+    def prefill(self, chunks: list[PrefillChunk]) -> None:
+        """Run the backbone over positions `lo..hi-1` of each chunk's `units` (earlier ones are in the cache),
+        every chunk in one forward: padded on the right to the longest, rows by index.
 
         With an MTP head, its cache gets the gold entries too: entry i takes the first token
         of position i+1 and the backbone hidden h_i (entries lo-1 .. hi-2; the last chunk's
         entry hi-1 is written by `first` or the next chunk).
         """
-        rows, w = slice(slot, slot + 1), self.unit_width
-        ids = torch.tensor([units[lo * w : hi * w]], dtype=torch.long, device=self.device)
-        positions = torch.arange(lo, hi, device=self.device)[None]
-        hidden = self.backbone.forward(self.inputs(ids), rows, positions, hi, recurrent=False)
+        w, n = self.unit_width, len(chunks)
+        width = max(c.hi - c.lo for c in chunks)
+        rows = torch.tensor([c.row for c in chunks], device=self.device)
+        lengths = torch.tensor([c.hi - c.lo for c in chunks], device=self.device)
+        ids = self._padded([c.units[c.lo * w : c.hi * w] for c in chunks], width * w)
+        hidden = self.backbone.forward(self.inputs(ids), rows, self._span([c.lo for c in chunks], width),
+                                       max(c.hi for c in chunks), recurrent=False, lengths=lengths)
         if self.mtp is not None:
-            first = max(lo - 1, 0)
-            if hi - 1 > first:
-                hs = hidden if lo == 0 else torch.cat([self.h_last[rows][:, None], hidden], dim=1)
-                gold = torch.tensor([units[(first + 1) * w : hi * w : w]], dtype=torch.long, device=self.device)
-                mtp_positions = torch.arange(first, hi - 1, device=self.device)[None]
-                self._mtp_hidden(rows, hi - 1, gold, hs[:, : hi - 1 - first], mtp_positions, recurrent=False)
-        self.h_last[slot] = hidden[0, -1]
-        self.lengths[slot] = hi
+            self._prefill_mtp(chunks, rows, hidden)
+        self.h_last[rows] = hidden[torch.arange(n, device=self.device), lengths - 1]
+        self.lengths[rows] = torch.tensor([c.hi for c in chunks], device=self.device)
+
+    def _prefill_mtp(self, chunks: list[PrefillChunk], rows: torch.Tensor, hidden: torch.Tensor) -> None:
+        """The MTP cache entries of a prefill forward: per chunk, entries first..hi-2 with first = max(lo-1, 0),
+        fed (first token of position i+1, h_i); h_{lo-1} is the row's last hidden of the previous chunk."""
+        w = self.unit_width
+        firsts = [max(c.lo - 1, 0) for c in chunks]
+        counts = [c.hi - 1 - f for c, f in zip(chunks, firsts)]
+        width = max(counts)
+        if width <= 0:
+            return
+        gold = self._padded([c.units[(f + 1) * w : c.hi * w : w] for c, f in zip(chunks, firsts)], width)
+        with_last = torch.cat([self.h_last[rows][:, None], hidden], dim=1)  # [n, 1 + T, H]
+        starts = torch.tensor([0 if c.lo else 1 for c in chunks], device=self.device)
+        index = (starts[:, None] + torch.arange(width, device=self.device)).clamp(max=hidden.shape[1])
+        hs = with_last.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        self._mtp_hidden(rows, max(c.hi for c in chunks) - 1, gold, hs, self._span(firsts, width), recurrent=False,
+                         lengths=torch.tensor(counts, device=self.device))
+
+    def _padded(self, seqs: list[tuple[int, ...]], width: int) -> torch.Tensor:
+        """Token ids [n, width], each row padded on the right with id 0."""
+        return torch.tensor([list(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=self.device)
+
+    def _span(self, starts: list[int], width: int) -> torch.Tensor:
+        """Positions [n, width] from each row's start (padding's positions clamped inside the table)."""
+        start = torch.tensor(starts, device=self.device)[:, None]
+        return (start + torch.arange(width, device=self.device)).clamp(max=self.capacity - 1)
 
     def first(self, slot: int, seq: Sequence) -> None:
         """Sample the first token(s) of a freshly prefilled slot."""

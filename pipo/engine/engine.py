@@ -10,8 +10,9 @@ Scheduling, once per `step()`:
 1. admit waiting sequences (first come, first served) while a decode slot, a prefill row and
    the blocks of their prompt are free; a prompt whose prefix is cached shares its blocks;
    the `n` samples of a prompt wait for the first one's prefill and then share it;
-2. prefill admitted prompts in chunks under a per-step token budget (`max_prefill_tokens`),
-   in rows of their own, so running sequences keep decoding while long prompts come in;
+2. prefill chunks of admitted prompts in one forward (several prompts, padded to the longest
+   chunk) under a per-step token budget (`max_prefill_tokens`), in rows of their own, so running
+   sequences keep decoding while long prompts come in;
    a finished prefill is cached, moved to its decode slot and sampled once;
 3. give every decoding sequence the blocks its next step may write; when the pool runs
    out, the most recently admitted sequence is preempted (blocks freed, requeued first,
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pipo.engine.blocks import BlockPool, CachedPrompt, PrefixCache
-from pipo.engine.decoding import DECODERS, DecodeConfig
+from pipo.engine.decoding import DECODERS, DecodeConfig, PrefillChunk
 from pipo.engine.graphs import Launched
 from pipo.engine.options import ENGINE_DEFAULTS
 from pipo.engine.parts import ModelParts, Prompt, encode_prompt, load_parts, load_tokenizer, parts_from_models
@@ -178,7 +179,7 @@ class Engine:
         self.in_flight: Launched | None = None
         self.admitted = 0
         self.mode = SamplingMode()
-        self.metrics = Counter()  # steps, preemptions, running_sum, running_max, prefill_tokens
+        self.metrics = Counter()  # steps, preemptions, running_sum, running_max, prefill_tokens/_forwards/_rows_max
         self.touched: list[Sequence] = []  # sequences the current step moved
         self.oom_streak = 0
 
@@ -212,7 +213,7 @@ class Engine:
         total = torch.cuda.get_device_properties(self.device).total_memory
         weights = torch.cuda.memory_allocated(self.device)
         states = rows * slot_state_bytes(self.parts, self.method, eagle_k, self.dtype)
-        reserve = self.workspace_bytes(max_batch_size)
+        reserve = self.workspace_bytes(max_batch_size, rows - max_batch_size)
         budget = utilization * total - weights - states - reserve
         if budget < one_seq * per_block:
             raise PIPOError(
@@ -223,17 +224,18 @@ class Engine:
                 "gpu_memory_utilization)")
         return int(budget // per_block)
 
-    def workspace_bytes(self, max_batch_size: int) -> int:
-        """Memory kept out of the KV pool: activations of a prefill chunk (including the gathered KV and the
-        attention mask over `max_seq_len`), decode-step logits and sampling buffers, graphs; an estimate."""
+    def workspace_bytes(self, max_batch_size: int, prefill_rows: int) -> int:
+        """Memory kept out of the KV pool: activations of a prefill forward (including each prefill row's
+        gathered KV and the attention mask over `max_seq_len`), decode-step logits and sampling buffers,
+        graphs; an estimate."""
         cfg = self.parts.text_config
         size = torch.empty((), dtype=self.dtype).element_size()
-        chunk, length = self.prefill_chunk, self.max_seq_len
+        chunk, length = max(self.prefill_chunk, self.max_prefill_tokens), self.max_seq_len
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", heads)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         activations = chunk * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4 * size
-        attention = 2 * kv_heads * length * head_dim * size * 2 + chunk * heads * length * (1 + 2 * size)
+        attention = prefill_rows * 2 * kv_heads * length * head_dim * size * 2 + chunk * heads * length * (1 + 2 * size)
         sampling = max_batch_size * cfg.vocab_size * 4 * 8
         return int(activations + attention + sampling + GiB)
 
@@ -439,19 +441,29 @@ class Engine:
         return self.decoder.mtp_entries(length) // self.decoder.block_size
 
     def _prefill(self) -> list[Sequence]:
-        """Prefill chunks of admitted prompts under the per-step token budget; start the finished ones."""
-        budget, started = self.max_prefill_tokens, []
-        for seq in list(self.prefilling):
-            total = len(seq.feed) // self.decoder.unit_width
-            while seq.prefilled < total and budget > 0:
-                hi = min(total, seq.prefilled + min(self.prefill_chunk, budget))
-                self.decoder.prefill_chunk(seq.row, seq.feed, seq.prefilled, hi)
-                budget -= hi - seq.prefilled
-                self.metrics["prefill_tokens"] += hi - seq.prefilled
-                seq.prefilled = hi
-                seq.stats.forward_passes += 1 if hi == total else 0
-            if seq.prefilled < total:
+        """One prefill forward over chunks of admitted prompts, first come first, under the per-step token budget
+        (counted padded: rows x the longest chunk); start the prompts it finishes (or the cache served whole)."""
+        chunks: list[tuple[Sequence, int]] = []
+        width = rows = 0
+        for seq in self.prefilling:
+            left = len(seq.feed) // self.decoder.unit_width - seq.prefilled
+            take = min(left, self.prefill_chunk, self.max_prefill_tokens // (rows + 1))
+            if left and (take < 1 or (rows + 1) * max(width, take) > self.max_prefill_tokens):
                 break
+            chunks.append((seq, take))
+            rows, width = rows + (take > 0), max(width, take)
+        if width:
+            self.decoder.prefill([PrefillChunk(s.row, s.feed, s.prefilled, s.prefilled + take)
+                                  for s, take in chunks if take])
+            self.metrics["prefill_forwards"] += 1
+            self.metrics["prefill_rows_max"] = max(self.metrics["prefill_rows_max"], rows)
+        started = []
+        for seq, take in chunks:
+            seq.prefilled += take
+            self.metrics["prefill_tokens"] += take
+            if seq.prefilled < len(seq.feed) // self.decoder.unit_width:
+                continue
+            seq.stats.forward_passes += int(take > 0)
             self.prefilling.remove(seq)
             if not seq.raw and seq.stats.forward_passes:  # a prompt it prefilled (not one served whole by the cache)
                 self._cache_prompt(seq)

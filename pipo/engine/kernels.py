@@ -36,19 +36,60 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
 
 def _fla_recurrent(kernel, q, k, v, g, beta, initial: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
     """fla's fused recurrent step over q/k [B, T, H, Dk], v [B, T, HV, Dv] (HV a multiple of H):
-    reads `initial` and writes `final` ([B, HV, Dk, Dv] fp32, contiguous; they may be the same tensor)."""
+    reads `initial` and writes `final` ([B, HV, Dk, Dv] fp32, contiguous; they may be the same tensor).
+    The value-tile width and warps are the fastest of `LAUNCH_CONFIGS` for this shape."""
+    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    block_v, warps = _launch_config(kernel, tuple(k.shape), tuple(v.shape), q.dtype)
+    return _launch(kernel, q, k, v, g, beta, initial, final, block_v, warps)
+
+
+def _launch(kernel, q, k, v, g, beta, initial, final, block_v: int, warps: int) -> torch.Tensor:
     batch, steps, heads, dk = k.shape
     v_heads, dv = v.shape[2], v.shape[3]
-    block_v = min(8, _pow2(dv))
+    block_v = min(block_v, _pow2(dv))
     out = torch.empty_like(v)
     kernel[(-(-dv // block_v) * batch * v_heads,)](
-        q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), g=g.contiguous(), gk=None, gv=None,
-        beta=beta.contiguous(), A_log=None, dt_bias=None, o=out, h0=initial, ht=final, cu_seqlens=None,
-        scale=dk**-0.5, T=steps, H=heads, HV=v_heads, K=dk, V=dv, BK=_pow2(dk), BV=block_v,
+        q=q, k=k, v=v, g=g, gk=None, gv=None, beta=beta, A_log=None, dt_bias=None, o=out, h0=initial, ht=final,
+        cu_seqlens=None, scale=dk**-0.5, T=steps, H=heads, HV=v_heads, K=dk, V=dv, BK=_pow2(dk), BV=block_v,
         IS_BETA_HEADWISE=True, USE_QK_L2NORM_IN_KERNEL=True, APPLY_BETA_SIGMOID=False, ALLOW_NEG_EIGVAL=False,
-        STATE_V_FIRST=False, num_warps=1, num_stages=3,
+        STATE_V_FIRST=False, num_warps=warps, num_stages=3,
     )
     return out
+
+
+# (value-tile width, warps) tried per shape: fla's own choice (8, 1) reads each state row in 32-byte
+# pieces with one warp per program; wider tiles read whole 128-byte lines with more warps per program.
+LAUNCH_CONFIGS = ((8, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8))
+
+
+_CONFIGS: dict[tuple, tuple[int, int]] = {}  # (k shape, v shape, dtype) -> the fastest launch config
+
+
+def _launch_config(kernel, k_shape: tuple, v_shape: tuple, dtype: torch.dtype) -> tuple[int, int]:
+    """The fastest config for these shapes, timed on first use; fla's default while a CUDA graph is being
+    captured (timing is not capturable; the engine's warm-up runs every shape before its capture)."""
+    key = (k_shape, v_shape, dtype)
+    if key not in _CONFIGS:
+        if torch.cuda.is_current_stream_capturing():
+            return LAUNCH_CONFIGS[0]
+        _CONFIGS[key] = _time_configs(kernel, k_shape, v_shape, dtype)
+    return _CONFIGS[key]
+
+
+def _time_configs(kernel, k_shape: tuple, v_shape: tuple, dtype: torch.dtype) -> tuple[int, int]:
+    """Time each launch config on scratch tensors of these shapes (the decode state is a step's largest
+    traffic); the fastest wins."""
+    from triton.testing import do_bench
+
+    batch, steps, _, dk = k_shape
+    q, k = (torch.randn(k_shape, device="cuda", dtype=dtype) for _ in range(2))
+    v = torch.randn(v_shape, device="cuda", dtype=dtype)
+    g = -torch.rand(batch, steps, v_shape[2], device="cuda")
+    beta = torch.rand(batch, steps, v_shape[2], device="cuda", dtype=dtype)
+    state = torch.randn(batch, v_shape[2], dk, v_shape[3], device="cuda")
+    times = {config: do_bench(lambda c=config: _launch(kernel, q, k, v, g, beta, state, state, *c), warmup=5, rep=20)
+             for config in LAUNCH_CONFIGS}
+    return min(times, key=times.get)
 
 
 def _pow2(n: int) -> int:

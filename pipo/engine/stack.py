@@ -11,8 +11,11 @@ gated-delta-rule steps against preallocated buffers:
   (`tables` is the engine's block-table tensor, shared by every stack);
 - Qwen3.5 linear attention: per slot, the last `kernel - 1` conv inputs and the fp32 recurrent state.
 
-Rows of a batch are always a contiguous range of slots (`rows: slice`), so every
+Rows of a decode batch are a contiguous range of slots (`rows: slice`), so every
 buffer access is a view and a decode step over slots `[0, B)` can be graph-captured.
+A batched prefill names its rows by an index tensor and pads its prompts' chunks on the
+right (`lengths`): padded tokens write their keys to the sink block 0 and leave the
+linear-attention states as they are (decay 0 and beta 0 make the delta rule an identity).
 """
 from __future__ import annotations
 
@@ -89,7 +92,7 @@ def linear_inputs(layer: nn.Module, x: torch.Tensor, history: torch.Tensor):
     batch, steps, _ = x.shape
     mixed = mod.in_proj_qkv(x).transpose(1, 2)
     window = torch.cat([history, mixed.to(history.dtype)], dim=-1)
-    conv = F.silu(F.conv1d(window, mod.conv1d.weight, mod.conv1d.bias, groups=mod.conv_dim))
+    conv = F.silu(_causal_conv(window, mod.conv1d.weight, mod.conv1d.bias, steps))
     q, k, v = torch.split(conv.transpose(1, 2), [mod.key_dim, mod.key_dim, mod.value_dim], dim=-1)
     q = q.reshape(batch, steps, -1, mod.head_k_dim).contiguous()
     k = k.reshape(batch, steps, -1, mod.head_k_dim).contiguous()
@@ -97,6 +100,20 @@ def linear_inputs(layer: nn.Module, x: torch.Tensor, history: torch.Tensor):
     beta = mod.in_proj_b(x).sigmoid()
     g = -mod.A_log.float().exp() * F.softplus(mod.in_proj_a(x).float() + mod.dt_bias)
     return q, k, v, g, beta, mod.in_proj_z(x), window
+
+
+def _causal_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, steps: int) -> torch.Tensor:
+    """Depthwise conv of `window` [B, C, K-1+T] with `weight` [C, 1, K] -> [B, C, T].
+
+    A decode step's few outputs are K shifted multiply-adds, which torch.compile fuses with
+    the window's concatenation and the activation; cuDNN's depthwise kernel is a separate
+    launch that costs more than the whole sum at batch 256. Long inputs (prefill) use conv1d.
+    """
+    if steps > 8:
+        return F.conv1d(window, weight, bias, groups=weight.shape[0])
+    taps = weight.shape[-1]
+    out = sum(window[:, :, j : j + steps] * weight[:, :, j] for j in range(taps))
+    return out if bias is None else out + bias[:, None]
 
 
 def linear_outputs(layer: nn.Module, residual: torch.Tensor, out: torch.Tensor, z: torch.Tensor):
@@ -175,11 +192,12 @@ class PagedStack:
     def forward(
         self,
         x: torch.Tensor,
-        rows: slice,
+        rows: slice | torch.Tensor,
         positions: torch.Tensor,
         kv_len: int | None = None,
         recurrent: bool = True,
         record: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Input embeddings `x` [B, T, H] at `positions` [B, T] of slots `rows` -> normed hidden [B, T, H].
 
@@ -187,9 +205,11 @@ class PagedStack:
         the Triton decode kernel reads each row's filled blocks whatever it is).
         `recurrent` runs the gated delta rule token by token (decode); otherwise chunked
         (prefill). `record` keeps every token's linear-attention state so that `commit`
-        can roll back to an accepted prefix.
+        can roll back to an accepted prefix. `lengths` [B]: each row's real tokens, the rest
+        padding (a batched prefill; `rows` may then be an index tensor).
         """
         kv_len = kv_len or self.tables.shape[1] * self.block_size
+        valid = None if lengths is None else torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]
         if hasattr(self.rotary, "mrope_section"):  # Qwen3.5's multimodal rotary: text uses one position per axis
             cos, sin = self.rotary(x, positions[None].expand(3, -1, -1))
         else:
@@ -198,11 +218,13 @@ class PagedStack:
         for layer, state in zip(self.layers, self.states):
             if _is_linear(layer):
                 q, k, v, g, beta, z, window = linear_in(layer, x, state.conv[rows])
-                out = self._delta_rule(state, q, k, v, g, beta, window, rows, recurrent, record)
+                if valid is not None:  # padding: no decay, no update
+                    g, beta = g * valid[..., None], beta * valid[..., None]
+                out = self._delta_rule(state, q, k, v, g, beta, window, rows, recurrent, record, lengths)
                 x = linear_out(layer, x, out, z)
             else:
                 q, k, v, gate = attn_in(layer, x, cos, sin)
-                out = self._attention(layer.self_attn, state, q, k, v, rows, positions, kv_len, recurrent)
+                out = self._attention(layer.self_attn, state, q, k, v, rows, positions, kv_len, recurrent, valid)
                 x = attn_out(layer, x, out, gate)
         return self.norm(x)
 
@@ -213,20 +235,24 @@ class PagedStack:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        rows: slice,
+        rows: slice | torch.Tensor,
         positions: torch.Tensor,
         kv_len: int,
         decode: bool,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of the new tokens over the rows' paged caches (they are written first) -> [B, Hq, T, D].
 
         Decode steps on GPU use the paged split-K Triton kernel; prefill and CPU gather the
-        rows' first `kv_len` positions of blocks and use SDPA with a mask.
+        rows' first `kv_len` positions of blocks and use SDPA with a mask. Padded tokens
+        (`valid` False) write to the sink block 0.
         """
         batch, _, steps, d = q.shape
         bs = self.block_size
         tables = self.tables[rows]
         blocks = tables.gather(1, positions // bs)
+        if valid is not None:
+            blocks = blocks * valid
         offsets = positions % bs
         state.k[blocks, :, offsets] = k.transpose(1, 2).to(state.k.dtype)
         state.v[blocks, :, offsets] = v.transpose(1, 2).to(state.v.dtype)
@@ -254,19 +280,29 @@ class PagedStack:
         g: torch.Tensor,
         beta: torch.Tensor,
         window: torch.Tensor,
-        rows: slice,
+        rows: slice | torch.Tensor,
         recurrent: bool,
         record: bool,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Keep the conv history (per token when recording) and run the gated delta rule on the slot's state."""
+        """Keep the conv history (per token when recording) and run the gated delta rule on the rows' states
+        (an index tensor of rows gets its states gathered and written back)."""
         steps, history = q.shape[1], state.conv.shape[-1]
         if record:  # the conv history after token t is window[..., t + 1 : t + 1 + history]
             state.step_conv[:steps, rows] = window.unfold(2, history, 1)[:, :, 1:].permute(2, 0, 1, 3)
-        state.conv[rows] = window[:, :, -history:]
+        if lengths is None:
+            state.conv[rows] = window[:, :, -history:]
+        else:  # the last `history` inputs up to each row's last real token
+            index = lengths[:, None, None] + torch.arange(history, device=window.device)
+            state.conv[rows] = window.gather(2, index.expand(-1, window.shape[1], -1))
         rec = state.rec[rows]
         if recurrent:
-            return kernels.recurrent_delta_rule(q, k, v, g, beta, rec, state.step_rec[:steps, rows] if record else None)
-        return kernels.chunk_delta_rule(q, k, v, g, beta, rec)
+            out = kernels.recurrent_delta_rule(q, k, v, g, beta, rec, state.step_rec[:steps, rows] if record else None)
+        else:
+            out = kernels.chunk_delta_rule(q, k, v, g, beta, rec)
+        if not isinstance(rows, slice):
+            state.rec[rows] = rec
+        return out
 
     # ------------------------------------------------------------------ slot state
     def commit(self, rows: slice, last_step: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -162,9 +163,14 @@ def row_uniforms(seeds: torch.Tensor, counters: torch.Tensor, salt: int, width: 
     Counter-based noise: a sequence's draws depend only on its own seed and position, never on
     which rows it shares a batch with, its slot, or whether it was preempted and recomputed.
     """
+    return row_uniforms_at(seeds, counters, salt, torch.arange(width, device=seeds.device, dtype=torch.long)[None])
+
+
+def row_uniforms_at(seeds: torch.Tensor, counters: torch.Tensor, salt: int, columns: torch.Tensor) -> torch.Tensor:
+    """`row_uniforms`'s values at `columns` [B or 1, n] only: a draw over a few candidate ids needs no
+    noise over the whole vocabulary, and gets the same values there."""
     key = _mix32(seeds ^ _mix32((counters * 128 + salt) & _MASK32))
-    cols = _mix32(torch.arange(width, device=seeds.device, dtype=torch.long) ^ 0x2545F491)
-    bits = _mix32(key[:, None] ^ cols[None, :]) >> 8  # 24 bits: exact in float32, so u never rounds to 1
+    bits = _mix32(key[:, None] ^ _mix32(columns ^ 0x2545F491)) >> 8  # 24 bits: exact in float32, so u never rounds to 1
     return (bits.float() + 0.5) * (1.0 / 16777216.0)
 
 
@@ -208,6 +214,23 @@ class RowParams:
                          self.presence[rows])
 
 
+def _adjusted(
+    logits: torch.Tensor, params: RowParams, mode: SamplingMode, banned: torch.Tensor | None, seen: torch.Tensor | None
+) -> torch.Tensor:
+    """Float logits after the presence penalty and with banned ids at -inf."""
+    z = logits.float()
+    if mode.penalty and seen is not None:
+        z = z - params.presence[:, None] * seen.to(z.dtype)
+    if banned is not None:
+        z = z.index_fill(-1, banned, float("-inf"))
+    return z
+
+
+def _temperature(params: RowParams) -> torch.Tensor:
+    """Per-row divisor [B, 1]: the temperature, 1 for greedy rows (their argmax is taken before)."""
+    return torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))[:, None]
+
+
 def row_logits(
     logits: torch.Tensor, params: RowParams, mode: SamplingMode, banned: torch.Tensor | None, seen: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,16 +239,11 @@ def row_logits(
     Same order as `probabilities`: presence penalty, banned ids, temperature, top-k, top-p, min-p;
     masking logits and renormalising probabilities define the same distribution.
     """
-    z = logits.float()
-    if mode.penalty and seen is not None:
-        z = z - params.presence[:, None] * seen.to(z.dtype)
-    if banned is not None:
-        z = z.index_fill(-1, banned, float("-inf"))
+    z = _adjusted(logits, params, mode, banned, seen)
     greedy = z.argmax(-1)
     if mode.greedy:
         return z, greedy
-    hot = params.temperature > 0
-    z = z / torch.where(hot, params.temperature, torch.ones_like(params.temperature))[:, None]
+    z = z / _temperature(params)
     if mode.top_k:
         k = min(mode.top_k, z.shape[-1])
         values = torch.topk(z, k, dim=-1).values
@@ -234,9 +252,7 @@ def row_logits(
         if mode.top_p and mode.top_k_all:  # the nucleus lies inside the top-k values (sorted already)
             values = values.masked_fill(torch.arange(k, device=z.device)[None] >= params.top_k[:, None],
                                         float("-inf"))
-            probs = _softmax(values)
-            keep = ((probs.cumsum(-1) - probs) < params.top_p[:, None]).sum(-1, keepdim=True).clamp_min(1)
-            z = z.masked_fill(z < values.gather(1, keep - 1), float("-inf"))
+            z = z.masked_fill(z < _nucleus_floor(values, params), float("-inf"))
             mode = SamplingMode(mode.greedy, mode.penalty, mode.top_k, False, mode.min_p, mode.top_k_all)
     if mode.top_p:
         probs = _softmax(z)
@@ -244,28 +260,69 @@ def row_logits(
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p[:, None]
         z = z.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     if mode.min_p:
-        floor = z.amax(-1, keepdim=True) + params.min_p.clamp_min(1e-30).log()[:, None]
-        z = z.masked_fill((params.min_p > 0)[:, None] & (z < floor), float("-inf"))
+        z = _min_p(z, params)
     return z, greedy
+
+
+def _nucleus_floor(values: torch.Tensor, params: RowParams) -> torch.Tensor:
+    """The smallest value [B, 1] of each row's nucleus (mass before it < top_p), from values sorted descending."""
+    probs = _softmax(values)
+    keep = ((probs.cumsum(-1) - probs) < params.top_p[:, None]).sum(-1, keepdim=True).clamp_min(1)
+    return values.gather(1, keep - 1)
+
+
+def _min_p(z: torch.Tensor, params: RowParams) -> torch.Tensor:
+    """`z` with ids below min_p x the row's most likely one at -inf (rows with min_p 0 untouched)."""
+    floor = z.amax(-1, keepdim=True) + params.min_p.clamp_min(1e-30).log()[:, None]
+    return z.masked_fill((params.min_p > 0)[:, None] & (z < floor), float("-inf"))
 
 
 def sample_rows(
     logits: torch.Tensor,
     params: RowParams,
     mode: SamplingMode,
-    uniforms: torch.Tensor | None,
+    noise: Callable[[torch.Tensor], torch.Tensor] | None,
     banned: torch.Tensor | None = None,
     seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row of raw `logits` [B, V] with per-row parameters; `uniforms` [B, V] from `row_uniforms`.
+    """One token per row of raw `logits` [B, V] with per-row parameters; `noise(columns [B or 1, n])` gives
+    the rows' uniforms at those ids (`row_uniforms_at`; None when every row is greedy).
 
     The exponential race argmax(z - log E), E = -log U, picks i with probability softmax(z)_i.
+    When every sampled row has a top-k, the race runs over the `mode.top_k` largest logits
+    only: ids outside them are masked anyway, and the noise of an id does not depend on
+    which ids are drawn, so the token is the one the whole-vocabulary race picks (up to ties
+    with the k-th logit beyond those candidates, which are dropped).
     """
-    z, greedy = row_logits(logits, params, mode, banned, seen)
     if mode.greedy:
-        return greedy
-    token = (z - (-uniforms.log()).log()).argmax(-1)
+        return row_logits(logits, params, mode, banned, seen)[1]
+    if mode.top_k and mode.top_k_all:
+        return _sample_top_k(logits, params, mode, noise, banned, seen)
+    z, greedy = row_logits(logits, params, mode, banned, seen)
+    columns = torch.arange(z.shape[-1], device=z.device)[None]
+    token = (z - (-noise(columns).log()).log()).argmax(-1)
     return torch.where(params.temperature > 0, token, greedy)
+
+
+def _sample_top_k(
+    logits: torch.Tensor, params: RowParams, mode: SamplingMode, noise: Callable[[torch.Tensor], torch.Tensor],
+    banned: torch.Tensor | None, seen: torch.Tensor | None,
+) -> torch.Tensor:
+    """`sample_rows` for batches whose sampled rows all have a top-k: every transform after the top-k
+    runs on the [B, mode.top_k] candidates, so the whole vocabulary is read by one top-k and one argmax."""
+    z = _adjusted(logits, params, mode, banned, seen)
+    greedy = z.argmax(-1)
+    k = min(mode.top_k, z.shape[-1])
+    values, columns = torch.topk(z, k, dim=-1)
+    values = values / _temperature(params)
+    kth = values.gather(1, (params.top_k.clamp(1, k) - 1)[:, None])
+    values = values.masked_fill(values < kth, float("-inf"))
+    if mode.top_p:
+        values = values.masked_fill(values < _nucleus_floor(values, params), float("-inf"))
+    if mode.min_p:
+        values = _min_p(values, params)
+    pick = (values - (-noise(columns).log()).log()).argmax(-1, keepdim=True)
+    return torch.where(params.temperature > 0, columns.gather(1, pick)[:, 0], greedy)
 
 
 def row_probabilities(
