@@ -138,6 +138,11 @@ def test_pool_smaller_than_one_sequence_is_refused(qwen_regular):
         Engine(qwen_regular[0], "regular", num_blocks=5, **TIGHT)
 
 
+def test_max_seq_len_beyond_the_models_positions_is_refused(qwen_regular):
+    with pytest.raises(PIPOError, match="max_seq_len=8193 exceeds the model's max_position_embeddings 8192"):
+        Engine(qwen_regular[0], "regular", max_seq_len=8193, num_blocks=5)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="triton is not installed, or a GPU runs it (tests/test_gpu.py)")
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ draw of the step), so a sequence's tokens do not depend on its batch, slot or pr
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -161,7 +162,9 @@ class Decoder:
         return self.embed(ids)
 
     def lm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.parts.lm_head(hidden).float()
+        """Logits in the model's dtype: sampling converts what it needs (a bf16 top-k reads a quarter of the
+        bytes of an fp32 one, and the argmax of exact conversions is the same)."""
+        return self.parts.lm_head(hidden)
 
     def _backbone_step(self, rows: slice, kv_len: int, ids: torch.Tensor, positions: torch.Tensor):
         hidden = self.backbone.forward(self.inputs(ids), rows, positions, kv_len, record=self.record_steps > 0)
@@ -196,13 +199,20 @@ class Decoder:
         self.sampler = self.samplers[mode]
 
     def set_row(self, slot: int, params: SamplingParams, seed: int) -> None:
-        """A slot's sampling parameters and seed (scalar fills: no host-device synchronisation)."""
-        self.row.temperature[slot] = params.temperature
-        self.row.top_p[slot] = params.top_p
-        self.row.top_k[slot] = params.top_k
-        self.row.min_p[slot] = params.min_p
-        self.row.presence[slot] = params.presence_penalty
-        self.seeds[slot] = seed32(seed)
+        """A slot's sampling parameters and seed. `fill_` takes the value as a kernel argument; an indexed
+        assignment of a Python number copies it from host memory, which first waits for every queued step."""
+        self.row.temperature[slot].fill_(params.temperature)
+        self.row.top_p[slot].fill_(params.top_p)
+        self.row.top_k[slot].fill_(params.top_k)
+        self.row.min_p[slot].fill_(params.min_p)
+        self.row.presence[slot].fill_(params.presence_penalty)
+        self.seeds[slot].fill_(seed32(seed))
+
+    def to_device(self, values: list) -> torch.Tensor:
+        """`values` as a long tensor on the device without waiting for queued work (on CUDA a non-blocking copy
+        from pinned memory; a copy from ordinary host memory synchronises with the stream first)."""
+        host = torch.tensor(values, dtype=torch.long)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
     def uniforms(self, rows: slice, salt: int, width: int | None = None) -> torch.Tensor | None:
         """Counter-based uniforms [B, width] of the rows at their current cache lengths (None when all greedy)."""
@@ -265,10 +275,10 @@ class Decoder:
         self.backbone.reset(slot)
         if self.mtp is not None:
             self.mtp.reset(slot)
-        self.seen[slot] = False
+        self.seen[slot].fill_(False)
         if seen:
-            self.seen[slot, torch.tensor(sorted(set(seen)), dtype=torch.long, device=self.device)] = True
-        self.lengths[slot] = 0
+            self.seen[slot].index_fill_(0, self.to_device(sorted(set(seen))), True)
+        self.lengths[slot].fill_(0)
 
     def move(self, src: int, dst: int) -> None:
         """Copy a row's per-sequence state to another row (a prefilled sequence to its decode slot)."""
@@ -297,7 +307,7 @@ class Decoder:
         if self.mtp is not None:
             self.mtp.load_linear(slot, saved["mtp"])
         self.h_last[slot] = saved["h"]
-        self.lengths[slot] = length
+        self.lengths[slot].fill_(length)
 
     def mtp_entries(self, length: int) -> int:
         """MTP cache entries written once `length` backbone positions are prefilled (entry L-1 waits for `first`)."""
@@ -314,15 +324,15 @@ class Decoder:
         """
         w, n = self.unit_width, len(chunks)
         width = max(c.hi - c.lo for c in chunks)
-        rows = torch.tensor([c.row for c in chunks], device=self.device)
-        lengths = torch.tensor([c.hi - c.lo for c in chunks], device=self.device)
+        rows = self.to_device([c.row for c in chunks])
+        lengths = self.to_device([c.hi - c.lo for c in chunks])
         ids = self._padded([c.units[c.lo * w : c.hi * w] for c in chunks], width * w)
         hidden = self.backbone.forward(self.inputs(ids), rows, self._span([c.lo for c in chunks], width),
                                        max(c.hi for c in chunks), recurrent=False, lengths=lengths)
         if self.mtp is not None:
             self._prefill_mtp(chunks, rows, hidden)
         self.h_last[rows] = hidden[torch.arange(n, device=self.device), lengths - 1]
-        self.lengths[rows] = torch.tensor([c.hi for c in chunks], device=self.device)
+        self.lengths[rows] = self.to_device([c.hi for c in chunks])
 
     def _prefill_mtp(self, chunks: list[PrefillChunk], rows: torch.Tensor, hidden: torch.Tensor) -> None:
         """The MTP cache entries of a prefill forward: per chunk, entries first..hi-2 with first = max(lo-1, 0),
@@ -335,23 +345,24 @@ class Decoder:
             return
         gold = self._padded([c.units[(f + 1) * w : c.hi * w : w] for c, f in zip(chunks, firsts)], width)
         with_last = torch.cat([self.h_last[rows][:, None], hidden], dim=1)  # [n, 1 + T, H]
-        starts = torch.tensor([0 if c.lo else 1 for c in chunks], device=self.device)
+        starts = self.to_device([0 if c.lo else 1 for c in chunks])
         index = (starts[:, None] + torch.arange(width, device=self.device)).clamp(max=hidden.shape[1])
         hs = with_last.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         self._mtp_hidden(rows, max(c.hi for c in chunks) - 1, gold, hs, self._span(firsts, width), recurrent=False,
-                         lengths=torch.tensor(counts, device=self.device))
+                         lengths=self.to_device(counts))
 
     def _padded(self, seqs: list[tuple[int, ...]], width: int) -> torch.Tensor:
         """Token ids [n, width], each row padded on the right with id 0."""
-        return torch.tensor([list(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=self.device)
+        return self.to_device([list(s) + [0] * (width - len(s)) for s in seqs])
 
     def _span(self, starts: list[int], width: int) -> torch.Tensor:
         """Positions [n, width] from each row's start (padding's positions clamped inside the table)."""
-        start = torch.tensor(starts, device=self.device)[:, None]
+        start = self.to_device(starts)[:, None]
         return (start + torch.arange(width, device=self.device)).clamp(max=self.capacity - 1)
 
-    def first(self, slot: int, seq: Sequence) -> None:
-        """Sample the first token(s) of a freshly prefilled slot."""
+    def first(self, slot: int, seq: Sequence) -> Launched | None:
+        """Sample the first token(s) of a freshly prefilled slot; like `step`, the values come with `.finish()`
+        (None: emitted already)."""
         raise NotImplementedError
 
     def step(self, batch: int, seqs: dict[int, Sequence]) -> Launched:
@@ -384,7 +395,7 @@ class RegularDecoder(Decoder):
     def first(self, slot, seq):
         rows = slice(slot, slot + 1)
         values = self.sample_next(rows, 0, self.lm(self.h_last[rows]))
-        self._emit({slot: seq}, values.tolist(), stepped=False)
+        return launch({slot: seq}, values, functools.partial(self._emit, stepped=False))
 
     @torch.no_grad()
     def step(self, batch, seqs):
@@ -462,7 +473,7 @@ class PipoDecoder(Decoder):
         hidden = self.h_last[rows][:, None]
         fns = {name: getattr(self, name) for name in self.sample_fns}
         values = self._pair(rows, hidden, self.lm(hidden)[:, -1], self.kv_len({slot: seq}), fns)
-        self._emit({slot: seq}, values.tolist(), stepped=False)
+        return launch({slot: seq}, values, functools.partial(self._emit, stepped=False))
 
     @torch.no_grad()
     def step(self, batch, seqs):
@@ -476,7 +487,7 @@ class PipoDecoder(Decoder):
         values [B, 3] (token1, token2, kept)."""
         t1 = fns["sample_first"](rows, kv_len, logits)
         if not self.uses_mtp:
-            self.pending[rows, 1] = self.parts.pad_token_id
+            self.pending[rows, 1].fill_(self.parts.pad_token_id)
             return torch.stack([t1, torch.full_like(t1, self.parts.pad_token_id), torch.zeros_like(t1)], dim=1)
         positions = (self.lengths[rows] - 1)[:, None]
         logits2, conf = self.mtp_step(rows, kv_len, t1[:, None], hidden, positions)
@@ -519,7 +530,7 @@ class MTPDecoder(Decoder):
         self.mark_seen(rows, token)
         positions = (self.lengths[rows] - 1)[:, None]
         values = self._draft(rows, token, token[:, None], hidden, positions, self.kv_len({slot: seq}))
-        self._emit({slot: seq}, values.tolist(), stepped=False)
+        return launch({slot: seq}, values, functools.partial(self._emit, stepped=False))
 
     @torch.no_grad()
     def step(self, batch, seqs):

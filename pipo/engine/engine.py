@@ -138,6 +138,9 @@ class Engine:
             raise PIPOError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         path = Path(model) if isinstance(model, (str, Path)) else None
         self.parts = load_parts(path, method) if path is not None else parts_from_models(model, method, mtp_head)
+        limit = getattr(self.parts.text_config, "max_position_embeddings", None)
+        if limit is not None and max_seq_len > limit:
+            raise PIPOError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings {limit}")
         self.method = method
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -177,6 +180,7 @@ class Engine:
         self.requests: dict[str, list[Sequence]] = {}
         self.queued_prompts: Counter = Counter()  # units of fresh samples not admitted yet
         self.in_flight: Launched | None = None
+        self.firsts: list[Launched] = []  # first tokens sampled this step, emitted with the step in flight
         self.admitted = 0
         self.mode = SamplingMode()
         self.metrics = Counter()  # steps, preemptions, running_sum, running_max, prefill_tokens/_forwards/_rows_max
@@ -501,7 +505,9 @@ class Engine:
         seq.length = len(seq.feed) // self.decoder.unit_width
         self.running[seq.slot] = seq
         self._set_mode()
-        self.decoder.first(seq.slot, seq)
+        launched = self.decoder.first(seq.slot, seq)
+        if launched is not None:
+            self.firsts.append(launched)
 
     def _reserve_decode_blocks(self) -> None:
         """Blocks for every position the next step may write; evict cached prompts, then preempt the newest."""
@@ -517,7 +523,7 @@ class Engine:
                 self.prefix_cache.evict(total)
             if total <= self.pool.available:
                 break
-            if self.in_flight is not None:  # exact lengths first: emission may finish sequences
+            if self.in_flight is not None or self.firsts:  # exact lengths first: emission may finish sequences
                 self._drain()
                 continue
             self._preempt(max([*self.running.values(), *self.prefilling], key=lambda s: s.order))
@@ -553,10 +559,7 @@ class Engine:
 
     def _write_table(self, row: int, start: int, blocks: list[int]) -> None:
         if blocks:
-            values = torch.tensor(blocks, dtype=torch.long)
-            if self.decoder.device.type == "cuda":
-                values = values.pin_memory().to(self.decoder.device, non_blocking=True)
-            self.decoder.tables[row, start : start + len(blocks)] = values
+            self.decoder.tables[row, start : start + len(blocks)] = self.decoder.to_device(blocks)
 
     def _set_mode(self) -> None:
         mode = SamplingMode.of([s.params for s in self.running.values()]) if self.running else self.mode
@@ -565,11 +568,13 @@ class Engine:
             self.decoder.set_mode(mode)
 
     def _drain(self) -> None:
-        """Emit the step in flight; its sequences join this step's updates."""
-        if self.in_flight is not None:
-            in_flight, self.in_flight = self.in_flight, None
-            in_flight.finish()
-            self.touched += list(in_flight.seqs.values())
+        """Emit the first tokens sampled this step, then the step in flight (queued earlier than them, so
+        none of its values are theirs); their sequences join this step's updates."""
+        launches = self.firsts + ([self.in_flight] if self.in_flight is not None else [])
+        self.firsts, self.in_flight = [], None
+        for launched in launches:
+            launched.finish()
+            self.touched += list(launched.seqs.values())
 
     def _updates(self, touched: Iterable[Sequence]) -> list[Update]:
         """New tokens and text of the touched samples; finished ones are released and completed."""
@@ -604,7 +609,7 @@ class Engine:
         """Free what the failed step held: the step in flight is dropped and every admitted sequence is
         preempted (each recomputes from its emitted tokens); a second OOM in a row stops every request
         with a clear error, leaving the engine empty and usable."""
-        self.in_flight = None
+        self.in_flight, self.firsts = None, []
         for seq in sorted([*self.running.values(), *self.prefilling], key=lambda s: -s.order):
             self._preempt(seq)
         if self.device.type == "cuda":

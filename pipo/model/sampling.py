@@ -217,10 +217,10 @@ class RowParams:
 def _adjusted(
     logits: torch.Tensor, params: RowParams, mode: SamplingMode, banned: torch.Tensor | None, seen: torch.Tensor | None
 ) -> torch.Tensor:
-    """Float logits after the presence penalty and with banned ids at -inf."""
-    z = logits.float()
+    """Logits after the presence penalty (then float) and with banned ids at -inf (else in their dtype)."""
+    z = logits
     if mode.penalty and seen is not None:
-        z = z - params.presence[:, None] * seen.to(z.dtype)
+        z = z.float() - params.presence[:, None] * seen.float()
     if banned is not None:
         z = z.index_fill(-1, banned, float("-inf"))
     return z
@@ -243,7 +243,7 @@ def row_logits(
     greedy = z.argmax(-1)
     if mode.greedy:
         return z, greedy
-    z = z / _temperature(params)
+    z = z.float() / _temperature(params)
     if mode.top_k:
         k = min(mode.top_k, z.shape[-1])
         values = torch.topk(z, k, dim=-1).values
@@ -314,7 +314,7 @@ def _sample_top_k(
     greedy = z.argmax(-1)
     k = min(mode.top_k, z.shape[-1])
     values, columns = torch.topk(z, k, dim=-1)
-    values = values / _temperature(params)
+    values = values.float() / _temperature(params)
     kth = values.gather(1, (params.top_k.clamp(1, k) - 1)[:, None])
     values = values.masked_fill(values < kth, float("-inf"))
     if mode.top_p:
