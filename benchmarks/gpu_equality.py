@@ -27,7 +27,7 @@ EOS = [2]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], list(range(30, 52)), [5, 6, 7, 8, 9, 10, 11, 12, 13], [100],
            [20, 21, 22]]
 NEW = 16
-TIGHT = dict(block_size=16, max_seq_len=64, max_batch_size=3, prefill_chunk=8, prefill_rows=2)
+TIGHT = dict(block_size=16, max_seq_len=64, max_batch_size=3, prefill_chunk=8, prefill_rows=2, max_prefill_tokens=16)
 
 
 def engine(model, method: str, compile_layers: bool, spare: int, **kw) -> Engine:

@@ -85,8 +85,13 @@ class DeviceTime:
         return sum(start.elapsed_time(end) for start, end in self.pairs)
 
 
-def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int, bandwidth: float) -> dict:
-    """Feed the workload, step for `seconds`, and report throughput against the bytes bound."""
+def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int, bandwidth: float,
+                 fill: bool = True) -> dict:
+    """Feed the workload, step for `seconds`, and report throughput against the bytes bound.
+
+    `fill`: the window starts once every slot runs and no prompt is prefilling (the regime of
+    most of a whole run), not during the first wave of admissions, whose prefill a short
+    window would otherwise mostly measure."""
     dec = engine.decoder
     layers = list(engine.parts.base.layers) + (list(engine.parts.mtp.layers) if engine.parts.mtp is not None else [])
     per_position = kv_bytes_per_block(layers, dec.block_size, engine.dtype) // dec.block_size
@@ -97,8 +102,10 @@ def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int,
             engine.add_request(f"{i}.{j}", ids, params, max_new_tokens=lengths[4 * i + j], seed=i * 4 + j)
     torch.cuda.reset_peak_memory_stats()
     timers = {name: DeviceTime(dec, name) for name in ("step", "prefill", "first")}
-    for _ in range(20):  # warm-up: first prefills, compilation of new shapes
+    warm = 0  # warm-up: compilation of new shapes, and (unless `fill` is off) the first wave of prefills
+    while warm < 20 or fill and warm < 2000 and (engine.prefilling or len(engine.running) < engine.max_batch_size):
         engine.step()
+        warm += 1
     torch.cuda.synchronize()
     engine.metrics.clear()
     for timer in timers.values():
@@ -163,6 +170,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--methods", default="regular,pipo")
     parser.add_argument("--construct", default="eval,rollout")
+    parser.add_argument("--no-fill", action="store_true", help="start the window after 20 warm-up steps, "
+                        "during the first wave of admissions (the 2026-12-01 tables)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -189,7 +198,8 @@ def main() -> None:
         model, opts = (pipo, {"conf_threshold": -1.0}) if method == "pipo" else (causal_lm, {})
         engine = Engine(model, method, max_batch_size=args.max_batch, max_seq_len=args.cap + 2048 + 64,
                         eos_token_ids=[], **opts)
-        rows[method] = run_workload(engine, prompts, lengths, args.seconds, weights[method], bandwidth)
+        rows[method] = run_workload(engine, prompts, lengths, args.seconds, weights[method], bandwidth,
+                                    not args.no_fill)
         print(method, json.dumps(rows[method]), flush=True)
         if method == "regular":
             per_token = kv_bytes_per_block(list(causal_lm.model.layers), 1, torch.bfloat16)
@@ -201,7 +211,8 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
             static = Engine(model, method, max_batch_size=batch, max_seq_len=args.cap + 2048 + 64, eos_token_ids=[])
-            rows["static"] = run_workload(static, prompts, lengths, args.seconds, weights[method], bandwidth)
+            rows["static"] = run_workload(static, prompts, lengths, args.seconds, weights[method], bandwidth,
+                                          not args.no_fill)
             print("static", json.dumps(rows["static"]), flush=True)
             del static
         else:
