@@ -387,8 +387,8 @@ class Engine:
     # ---------------------------------------------------------------- scheduling
     def _admit(self) -> None:
         """Admit waiting sequences in order while rows and blocks allow; samples of a prompt being prefilled
-        wait for it (they will share its blocks)."""
-        busy = {s.feed for s in self.prefilling if not s.raw}
+        wait for it (they will share its blocks), samples of a cached prompt start together."""
+        busy = {s.feed for s in self.prefilling if not s.raw and self._unprefilled(s)}
         skipped = []
         while self.waiting and self.free_slots and self.free_rows:
             seq = self.waiting.popleft()
@@ -398,9 +398,13 @@ class Engine:
             if not self._start(seq):
                 self.waiting.appendleft(seq)
                 break
-            if not seq.raw:
+            if not seq.raw and self._unprefilled(seq):
                 busy.add(seq.feed)
         self.waiting.extendleft(reversed(skipped))
+
+    def _unprefilled(self, seq: Sequence) -> int:
+        """Positions of an admitted sequence's feed that still need a prefill forward (0: the cache served it)."""
+        return len(seq.feed) // self.decoder.unit_width - seq.prefilled
 
     def _start(self, seq: Sequence) -> bool:
         """Take a decode slot, a prefill row and the blocks of the sequence's feed (sharing a cached prefix)."""
@@ -450,7 +454,7 @@ class Engine:
         chunks: list[tuple[Sequence, int]] = []
         width = rows = 0
         for seq in self.prefilling:
-            left = len(seq.feed) // self.decoder.unit_width - seq.prefilled
+            left = self._unprefilled(seq)
             take = min(left, self.prefill_chunk, self.max_prefill_tokens // (rows + 1))
             if left and (take < 1 or (rows + 1) * max(width, take) > self.max_prefill_tokens):
                 break
