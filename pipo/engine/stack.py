@@ -27,7 +27,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipo.engine import flash_decode, kernels
+from pipo.engine import kernels
+
+
+def flash_decode():
+    """The Triton decode kernel's module, imported on first use on a CUDA tensor: importing Triton costs ~1 s."""
+    from pipo.engine import flash_decode as module
+
+    return module
 
 
 @dataclass
@@ -259,8 +266,8 @@ class PagedStack:
         # grouped-query attention without repeating K/V: each KV head's query group becomes extra query rows
         kv_heads = state.k.shape[1]
         q = q.reshape(batch, kv_heads, -1, d)
-        if decode and flash_decode.available(q, bs):
-            out = flash_decode.paged_decode_attention(q, state.k, state.v, tables, positions, attn.scaling)
+        if decode and q.is_cuda and flash_decode().available(q, bs):
+            out = flash_decode().paged_decode_attention(q, state.k, state.v, tables, positions, attn.scaling)
         else:
             used = tables[:, : -(-kv_len // bs)]
             k_cache = state.k[used].transpose(1, 2).reshape(batch, kv_heads, -1, d)
