@@ -1,8 +1,9 @@
 """The demo DAG end to end on CPU in a temporary copy: report, MLflow runs, partial reruns.
 
 One module-scoped run of `snakemake --configfile presets/demo.yaml --cores 2 all` (minutes)
-feeds every test here. The SFT and OPD schedules are shortened (`--config`): the tests check
-the DAG's wiring, tracking and reruns, not the recipe's numbers (README shows those).
+feeds every test here. The SFT and OPD schedules, the rollout prompts and the evaluation are
+shortened (`--config`): the tests check the DAG's wiring, tracking and reruns, not the
+recipe's numbers (README shows those).
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(SNAKEMAKE is None, reason="sn
 AFTER_DAG_DB = "mlflow_after_dag.db"  # the MLflow store as the first `all` left it (later reruns add runs)
 pytest.importorskip("swift")
 DEMO = ("--configfile", "presets/demo.yaml", "--cores", "2")
-SHORT_TRAINING = ("--config", "sft={max_steps: 60, save_steps: 60}", "opd={max_steps: 4, save_steps: 4}")
+SHORT_TRAINING = ("--config", "sft={max_steps: 60, save_steps: 60}", "opd={max_steps: 4, save_steps: 4}",
+                  "rollout={datasets: {synthetic: {limit: 240}}}",
+                  "eval={n: 2, benchmarks: {synthetic_math: {limit: 60}, synthetic_mcq: {limit: 40}}}")
 
 
 def demo(workdir, *args: str, **kwargs):
