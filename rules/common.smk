@@ -10,6 +10,9 @@ TEACHER = config["models"]["teacher"]
 MODELS = {m["name"]: m for m in (STUDENT, TEACHER)}
 VARIANTS = ("base", "sft", "opd", "teacher")
 METHODS = ("regular", "pipo", "mtp", "eagle")
+# Jobs on the chain pretrain -> rollout -> data -> SFT -> OPD -> merge run before ready evaluation jobs:
+# with few cores the chain sets the wall time, and evaluations fill the gaps.
+CRITICAL_PATH = 10
 
 
 def alternatives(names):

@@ -18,6 +18,9 @@ rule prompts:
         benchmark_file("prompts", "dataset")
     resources:
         **slurm_resources("prompts"),
+
+
+    priority: CRITICAL_PATH
     threads: threads_of("prompts")
     conda:
         "../envs/eval.yaml"
@@ -62,6 +65,9 @@ rule build_sft:
         benchmark_file("build_sft")
     resources:
         **slurm_resources("build_sft"),
+
+
+    priority: CRITICAL_PATH
     threads: threads_of("build_sft")
     conda:
         "../envs/eval.yaml"
@@ -99,6 +105,9 @@ rule cache_sft:
         benchmark_file("cache_sft")
     resources:
         **slurm_resources("cache_sft"),
+
+
+    priority: CRITICAL_PATH
     threads: threads_of("cache_sft")
     conda:
         "../envs/train.yaml"

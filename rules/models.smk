@@ -39,6 +39,8 @@ if PRETRAINED:
             benchmark_file("pretrain_model", "model")
         resources:
             **slurm_resources("pretrain_model"),
+
+        priority: CRITICAL_PATH
         threads: threads_of("pretrain_model")
         conda:
             "../envs/train.yaml"

@@ -22,6 +22,9 @@ rule rollout:
         benchmark_file("rollout", "teacher", "dataset", "shard")
     resources:
         **slurm_resources("rollout"),
+
+
+    priority: CRITICAL_PATH
     threads: threads_of("rollout")
     conda:
         "../envs/serve.yaml"
@@ -49,6 +52,9 @@ rule grade:
         benchmark_file("grade", "teacher", "dataset", "shard")
     resources:
         **slurm_resources("grade"),
+
+
+    priority: CRITICAL_PATH
     threads: threads_of("grade")
     conda:
         "../envs/eval.yaml"

@@ -22,6 +22,9 @@ rule sft:
         benchmark_file("sft", "model")
     resources:
         **slurm_resources("sft"),
+
+
+    priority: CRITICAL_PATH
     threads: threads_of("sft")
     conda:
         "../envs/train.yaml"
@@ -47,6 +50,9 @@ rule opd:
         benchmark_file("opd", "model")
     resources:
         **slurm_resources("opd"),
+
+
+    priority: CRITICAL_PATH
     threads: threads_of("opd")
     conda:
         "../envs/train.yaml"
@@ -67,6 +73,9 @@ rule merge:
         benchmark_file("merge", "model", "stage")
     resources:
         **slurm_resources("merge"),
+
+
+    priority: CRITICAL_PATH
     threads: threads_of("merge")
     conda:
         "../envs/train.yaml"
