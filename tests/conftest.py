@@ -74,3 +74,19 @@ def pipo_model(backbone_dir):
         return model.float().eval()
 
     return build
+
+
+@pytest.fixture(scope="session")
+def decode_target(backbone_dir, pipo_model):
+    """`decode_target(method)` -> what an engine of `method` decodes on the tiny qwen3_5 backbone: the backbone
+    folder, or (pipo) a PIPO model whose sharpened confidence head keeps some drafts and rejects others."""
+
+    def build(method: str):
+        if method != "pipo":
+            return backbone_dir("qwen3_5")
+        target = pipo_model("qwen3_5")
+        with torch.no_grad():
+            target.confidence_head.fc2.weight.normal_(0, 2.0)
+        return target
+
+    return build

@@ -110,15 +110,10 @@ def test_batch_buckets_cover_every_batch_up_to_256():
 
 
 @pytest.mark.parametrize("method", ["regular", "pipo"])
-def test_graphed_decode_equals_eager(backbone_dir, pipo_model, fake_cuda_graphs, method):
+def test_graphed_decode_equals_eager(decode_target, fake_cuda_graphs, method):
     """Sampled and greedy rows (a mode switch captures new sampling graphs mid-run, with sequences running):
     the same raw ids as eager decoding, and every decode step replayed its graphs."""
-    if method == "pipo":
-        target = pipo_model("qwen3_5")
-        with torch.no_grad():  # the confidence head keeps some drafts and rejects others
-            target.confidence_head.fc2.weight.normal_(0, 2.0)
-    else:
-        target = backbone_dir("qwen3_5")
+    target = decode_target(method)
     kw = dict(max_batch_size=2, max_seq_len=40, block_size=4, eos_token_ids=EOS, prefill_chunk=8)
     eager = Engine(target, method, cuda_graphs=False, **kw)
     graphed = Engine(target, method, cuda_graphs=True, **kw)

@@ -47,15 +47,10 @@ def test_flash_decode_matches_sdpa(batch, kv_heads, group, steps, d, block_size)
 
 
 @pytest.mark.parametrize("method", ["regular", "pipo"])
-def test_cuda_graph_decode_equals_eager(backbone_dir, pipo_model, method):
+def test_cuda_graph_decode_equals_eager(decode_target, method):
     """Same raw ids with and without CUDA graphs (greedy, then sampled: a mode change captures new graphs);
     fp32 and no torch.compile, so the two paths run the same kernels apart from the graphs."""
-    if method == "pipo":
-        target = pipo_model("qwen3_5")
-        with torch.no_grad():  # the confidence head keeps some drafts and rejects others
-            target.confidence_head.fc2.weight.normal_(0, 2.0)
-    else:
-        target = backbone_dir("qwen3_5")
+    target = decode_target(method)
     kw = dict(device="cuda", dtype=torch.float32, compile_layers=False, max_batch_size=4, max_seq_len=128,
               eos_token_ids=EOS, num_blocks=Engine.blocks_for(method, 128, 4))  # not 90% of the GPU per engine
     eager = Engine(target, method, cuda_graphs=False, **kw)
