@@ -359,24 +359,26 @@ def big(work: Path, args, results: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(student)
     one_step = {"model_type": "pipo_qwen3_5", "warmup_ratio": 0.0, "gradient_accumulation_steps": 1, "logging_steps": 1,
                 "per_device_batch_size": 1, "save_steps": 10**6, "max_steps": 1}
-    answer = args.tokens - args.prompt_tokens - 64  # the template adds a few tokens; rows over max_length are dropped
-    sft_rows = write_rows(work / f"sft{args.tokens}.jsonl", tokenizer, 1, args.prompt_tokens, answer, 0)
-    run_stage(f"sft_4b_{args.tokens}", lambda: run_sft({**one_step, "model": str(student), "dataset": str(sft_rows),
-                                                        "output_dir": str(work / f"sft4b_{args.tokens}"), "max_length": args.tokens}), results)
+    if args.sft_tokens:
+        answer = args.sft_tokens - args.prompt_tokens - 64  # the template adds a few tokens; longer rows are dropped
+        sft_rows = write_rows(work / f"sft{args.sft_tokens}.jsonl", tokenizer, 1, args.prompt_tokens, answer, 0)
+        run_stage(f"sft_4b_{args.sft_tokens}", lambda: run_sft({
+            **one_step, "model": str(student), "dataset": str(sft_rows), "output_dir": str(work / f"sft4b_{args.sft_tokens}"),
+            "max_length": args.sft_tokens}), results)
     if args.opd_completion:
         opd_step(work, args, results, student, tokenizer, one_step)
 
 
 def opd_step(work: Path, args, results: dict[str, Any], student: Path, tokenizer, one_step: dict[str, Any]) -> None:
-    """One OPD step at `--tokens` (prompt + `--opd-completion`) through the real trainer."""
+    """One OPD step at `--opd-tokens` (prompt + `--opd-completion`) through the real trainer."""
     from pipo.train.stages import run_opd
 
     teacher = write_backbone(work / "teacher9b", TEACHER_9B, 1) if args.teacher == "9b" else student
-    prompt = args.tokens - args.opd_completion
-    rl_rows = write_rows(work / f"rl{args.tokens}.jsonl", tokenizer, 1, prompt - 64, 0, 1)
-    run_stage(f"opd_4b_{args.tokens}_teacher_{args.teacher}", lambda: run_opd({**one_step, "model": str(student), "teacher": str(teacher),
-                                                        "dataset": str(rl_rows), "output_dir": str(work / f"opd4b_{args.tokens}"),
-                                                        "max_length": args.tokens, "max_completion_length": args.opd_completion,
+    tokens = args.opd_tokens
+    rl_rows = write_rows(work / f"rl{tokens}.jsonl", tokenizer, 1, tokens - args.opd_completion - 64, 0, 1)
+    run_stage(f"opd_4b_{tokens}_teacher_{args.teacher}", lambda: run_opd({**one_step, "model": str(student), "teacher": str(teacher),
+                                                        "dataset": str(rl_rows), "output_dir": str(work / f"opd4b_{tokens}"),
+                                                        "max_length": tokens, "max_completion_length": args.opd_completion,
                                                         "pipo": {"conf_threshold": args.conf_threshold}}), results)
 
 
@@ -394,9 +396,13 @@ def main() -> None:
     parser.add_argument("--completion-tokens", type=int, default=256, help="small: OPD max_completion_length")
     parser.add_argument("--conf-threshold", type=float, default=0.95, help="OPD rollouts (< 0 keeps every draft)")
     parser.add_argument("--tokens", type=int, default=16384, help="4b: tokens of the SFT and the OPD step")
+    parser.add_argument("--sft-tokens", type=int, default=None, help="4b: tokens of the SFT step (default --tokens; 0: none)")
+    parser.add_argument("--opd-tokens", type=int, default=None, help="4b: prompt + completion of the OPD step (default --tokens)")
     parser.add_argument("--opd-completion", type=int, default=2048, help="4b: OPD completion tokens (0: no OPD step)")
     parser.add_argument("--teacher", choices=["9b", "4b"], default="9b", help="4b: OPD teacher (4b: the student's backbone)")
     args = parser.parse_args()
+    args.sft_tokens = args.tokens if args.sft_tokens is None else args.sft_tokens
+    args.opd_tokens = args.opd_tokens or args.tokens
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"environment": environment(), "args": vars(args)}

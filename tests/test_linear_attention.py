@@ -1,6 +1,9 @@
 """Which gated-delta-rule implementation training picks for which versions and GPUs, and the router it installs."""
 from __future__ import annotations
 
+import functools
+import inspect
+
 import pytest
 import torch
 
@@ -76,3 +79,31 @@ def test_route_rebinds_qwen3_5_once_with_a_warning(monkeypatch, backbone_dir):
     assert modeling_qwen3_5.torch_chunk_gated_delta_rule is routed  # not wrapped twice
     got = torch.autograd.grad(model(ids, labels=ids).loss, model.lm_head.weight)[0]
     torch.testing.assert_close(got, expected)
+
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_engine_cpu_chunk_rule_runs_pytorch_under_the_fla_hub_wrapper(monkeypatch, routed):
+    """With fla installed transformers binds a wrapper that calls fla whatever the tensors' device; the engine's
+    CPU prefill must still run the plain PyTorch function (found under the wrapper and under our router)."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    from pipo.engine import kernels
+
+    plain = inspect.unwrap(modeling_qwen3_5.torch_chunk_gated_delta_rule)
+
+    @functools.wraps(plain)
+    def hub_kernel(*args, **kwargs):
+        raise AssertionError("fla's kernel called with CPU tensors")
+
+    bound = la.gradient_router(hub_kernel, plain) if routed else hub_kernel
+    monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule", bound)
+    assert la.torch_gated_delta_rule() is plain
+    b, t, h, hv, d = 1, 5, 1, 2, 4
+    q, k = torch.randn(b, t, h, d), torch.randn(b, t, h, d)
+    v, g, beta = torch.randn(b, t, hv, d), -torch.rand(b, t, hv), torch.rand(b, t, hv)
+    chunked, stepped = torch.zeros(b, hv, d, d), torch.zeros(b, hv, d, d)
+    out = kernels.chunk_delta_rule(q, k, v, g, beta, chunked)
+    expected = kernels.recurrent_delta_rule(q, k, v, g, beta, stepped)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked, stepped, atol=1e-5, rtol=1e-5)

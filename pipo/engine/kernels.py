@@ -155,10 +155,10 @@ def chunk_delta_rule(
         out, final = ops[0](q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True,
                             use_qk_l2norm_in_kernel=True)
     else:
-        from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+        from pipo.model.linear_attention import torch_gated_delta_rule
 
         q, k = _repeat_heads(q, k, v)
-        out, final = torch_chunk_gated_delta_rule(
+        out, final = torch_gated_delta_rule()(
             q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True
         )
     state.copy_(final)

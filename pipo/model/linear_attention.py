@@ -114,7 +114,20 @@ def gradient_router(fast, reference):
         return reference(query, key, value, g, beta, *args, **kwargs)
 
     chunk_gated_delta_rule.pipo_routed = True
+    chunk_gated_delta_rule.reference = reference
     return chunk_gated_delta_rule
+
+
+def torch_gated_delta_rule():
+    """transformers' PyTorch chunked gated delta rule itself, for tensors Triton cannot take (CPU).
+
+    The module global may be transformers' hub-kernel wrapper (it calls fla whenever fla imports, whatever
+    the tensors' device) or our router over it; underneath both sits the plain PyTorch function.
+    """
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen3_5
+
+    current = qwen3_5.torch_chunk_gated_delta_rule
+    return inspect.unwrap(getattr(current, "reference", current))
 
 
 def route_gated_delta_rule() -> GatedDeltaBackend:
