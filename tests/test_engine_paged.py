@@ -74,19 +74,20 @@ def test_pipo_exact_under_preemption(pipo_model, tau):
     check_no_leaks(engine)
 
 
-def test_sampling_depends_only_on_the_seed(pipo_model, qwen_regular):
+@pytest.mark.parametrize("method", ["regular", "mtp", "eagle", "pipo"])
+def test_sampling_depends_only_on_the_seed(pipo_model, qwen_regular, method):
     """Sampled tokens are the same alone, in a batch, and preempted and recomputed."""
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, min_p=0.01, presence_penalty=1.5)
-    for model, method in ((qwen_regular[0], "regular"), (pipo_model("qwen3_5"), "pipo")):
-        roomy = Engine(model, method, eos_token_ids=EOS, **{**TIGHT, "max_batch_size": 1})
-        alone = [roomy.generate([p], params, max_new_tokens=NEW, seeds=[7 + i])[0][0].raw_ids
-                 for i, p in enumerate(PROMPTS[:3])]
-        tight = tight_engine(model, method, spare=1 if method == "pipo" else 4)
-        together = tight.generate(PROMPTS[:3], params, max_new_tokens=NEW, seeds=[7, 8, 9])
-        assert [row[0].raw_ids for row in together] == alone, method
-        assert tight.metrics["preemptions"] > 0
-        other = roomy.generate(PROMPTS[:1], params, max_new_tokens=NEW, seeds=[8])[0][0].raw_ids
-        assert other != alone[0]
+    model = pipo_model("qwen3_5") if method == "pipo" else qwen_regular[0]
+    roomy = Engine(model, method, eos_token_ids=EOS, **{**TIGHT, "max_batch_size": 1})
+    alone = [roomy.generate([p], params, max_new_tokens=NEW, seeds=[7 + i])[0][0].raw_ids
+             for i, p in enumerate(PROMPTS[:3])]
+    tight = tight_engine(model, method, spare=1 if method == "pipo" else 4)
+    together = tight.generate(PROMPTS[:3], params, max_new_tokens=NEW, seeds=[7, 8, 9])
+    assert [row[0].raw_ids for row in together] == alone
+    assert tight.metrics["preemptions"] > 0
+    other = roomy.generate(PROMPTS[:1], params, max_new_tokens=NEW, seeds=[8])[0][0].raw_ids
+    assert other != alone[0]
 
 
 def test_admission_is_fifo_and_the_newest_is_preempted(qwen_regular):

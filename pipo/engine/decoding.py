@@ -69,6 +69,7 @@ class Decoder:
     unit_width = 1  # tokens per backbone position
     uses_mtp = False
     record_steps = 0
+    resumes_from_last_token = False  # a preempted sequence prefills all it emitted and samples anew
 
     def __init__(self, parts: ModelParts, slots: int, max_seq_len: int, config: DecodeConfig, graphs: bool) -> None:
         self.parts = parts
@@ -565,6 +566,8 @@ class EagleDecoder(Decoder):
     """EAGLE-style speculative decoding: the native MTP head drafts k tokens, one backbone pass verifies them."""
 
     uses_mtp = True
+    # speculative acceptance drew the last token of a step: a resumed sequence continues from it, not redraws it
+    resumes_from_last_token = True
 
     def __init__(self, parts, slots, max_seq_len, config, graphs):
         self.k = config.eagle_k
@@ -585,12 +588,18 @@ class EagleDecoder(Decoder):
 
     @torch.no_grad()
     def first(self, slot, seq):
+        """Sample the first token and draft after it; a resumed sequence drafts after its held last token
+        instead, which puts it where an uninterrupted run is between steps (same draws from there on)."""
         rows = slice(slot, slot + 1)
         hidden = self.h_last[rows][:, None]
-        token = self.pick(self.lm(hidden)[:, -1], rows, 0)
-        self.mark_seen(rows, token)
-        if seq.emit(token.item()):
-            return
+        held = seq.held_token()
+        if held:
+            token = self.to_device(held)
+        else:
+            token = self.pick(self.lm(hidden)[:, -1], rows, 0)
+            self.mark_seen(rows, token)
+            if seq.emit(token.item()):
+                return
         positions = (self.lengths[rows] - 1)[:, None]
         self._draft(rows, token, token[:, None], hidden, positions, torch.zeros_like(token), self.kv_len({slot: seq}))
 

@@ -539,7 +539,7 @@ class Engine:
     def _preempt(self, seq: Sequence) -> None:
         """Free a sequence's blocks and rows and queue it first; it will prefill its prompt + tokens again."""
         self._release(seq)
-        seq.feed = seq.resume_feed()
+        seq.feed = seq.resume_feed(self.decoder.resumes_from_last_token)
         seq.prefilled = 0
         if not seq.raw:
             self.queued_prompts[seq.units] += 1

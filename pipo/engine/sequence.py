@@ -98,9 +98,14 @@ class Sequence:
             self.started = time.perf_counter()
         self.stats.prompt_tokens = len(self.prompt)
 
-    def resume_feed(self) -> tuple[int, ...]:
-        """What a preempted sequence prefills again: its prompt units and every slot it emitted (PADs included)."""
-        return self.units + tuple(self.raw)
+    def resume_feed(self, hold_last: bool) -> tuple[int, ...]:
+        """What a preempted sequence prefills again: its prompt units and every slot it emitted (PADs included),
+        but the last token when `hold_last` (the decoder continues from it as its next step's input)."""
+        return self.units + tuple(self.raw[: len(self.raw) - 1] if hold_last and self.raw else self.raw)
+
+    def held_token(self) -> list[int]:
+        """The emitted token a resumed sequence's feed leaves out ([] when none)."""
+        return self.raw[len(self.feed) - len(self.units):]
 
     def emit(self, token: int) -> bool:
         """Append a visible token; True once the sequence is finished (EOS/stop id, stop string, budget)."""
