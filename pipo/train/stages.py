@@ -4,8 +4,8 @@ Each stage turns a config dict into ms-swift arguments (LoRA, modules to save, s
 DeepSpeed ZeRO-2 and gradient checkpointing on GPU, torchrun via NPROC_PER_NODE), runs
 ms-swift, and returns the checkpoint. A stage records the fingerprint of its settings and
 inputs (`pipo_run.json`) when it starts: a rerun with the same fingerprint after a kill or a
-preemption resumes from the newest `checkpoint-*`; a finished stage leaves `pipo_stage.json`
-and is not run again. A changed fingerprint, or a finished run whose `pipo_stage.json` was
+preemption resumes from the newest `checkpoint-*` (log rows written after it are dropped: the
+resumed run writes them again); a finished stage leaves `pipo_stage.json` and is not run again. A changed fingerprint, or a finished run whose `pipo_stage.json` was
 deleted (Snakemake deletes a job's outputs for `--forcerun`), trains from scratch.
 """
 from __future__ import annotations
