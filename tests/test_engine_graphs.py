@@ -26,6 +26,9 @@ EOS = [2]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], list(range(30, 52)), [100]]
 BUDGETS = [14, 3, 6, 8]
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, min_p=0.01, presence_penalty=1.5)
+# greedy with a presence penalty: the tiny models' plain argmax repeats one token, which would hide a running row's
+# next input being overwritten by a sampling graph captured mid-run (it would write the same token again)
+GREEDY_PENALIZED = SamplingParams(temperature=0.0, presence_penalty=1.5)
 HOST_SYNC = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
 
 
@@ -85,10 +88,11 @@ def fake_cuda_graphs(monkeypatch):
 
 
 def run(engine: Engine) -> list[list[int]]:
-    """Raw ids per prompt. Two greedy rows start; when the short one ends, sampled rows come in while the long
-    greedy one still runs (the new sampling mode is captured mid-run) and rows go idle at different steps."""
-    for i, (chunk, budget) in enumerate(zip(PROMPTS, BUDGETS)):
-        engine.add_request(str(i), chunk, GREEDY if i < 2 else SAMPLED, max_new_tokens=budget, seed=11 + i)
+    """Raw ids per prompt. Two greedy rows start (the long one penalised); when the short one ends, sampled rows
+    come in while the long greedy one still runs (the new sampling mode is captured mid-run, its warm-ups writing
+    the running row's next input) and rows go idle at different steps."""
+    for i, (chunk, budget, params) in enumerate(zip(PROMPTS, BUDGETS, (GREEDY_PENALIZED, GREEDY, SAMPLED, SAMPLED))):
+        engine.add_request(str(i), chunk, params, max_new_tokens=budget, seed=11 + i)
     done = {}
     while engine.has_unfinished():
         for update in engine.step():

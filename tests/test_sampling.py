@@ -1,5 +1,6 @@
 """Sampling transforms against distributions worked out by hand on a five-token vocabulary, and the samplers
-against those distributions (total-variation bound); `SamplingParams` validation."""
+against those distributions (total-variation bound); the same for the engine's per-row transforms and sampler;
+`SamplingParams` validation."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,18 @@ import pytest
 import torch
 
 from pipo.errors import PIPOError
-from pipo.model.sampling import SamplingParams, apply_presence_penalty, probabilities, sample, sample_logits
+from pipo.model.sampling import (
+    RowParams,
+    SamplingMode,
+    SamplingParams,
+    apply_presence_penalty,
+    probabilities,
+    row_probabilities,
+    row_uniforms_at,
+    sample,
+    sample_logits,
+    sample_rows,
+)
 
 BASE = [0.4, 0.3, 0.15, 0.1, 0.05]  # logits are log(BASE), so softmax(logits) == BASE
 SEEN = [0]  # tokens already generated (the presence penalty's target)
@@ -29,6 +41,9 @@ CASES = {
     "top_k": (SamplingParams(top_k=2), normalised([0.4, 0.3, 0, 0, 0])),
     # mass strictly above each token: 0, .4, .7, .85, .95 -> tokens with less than .75 above them stay
     "top_p": (SamplingParams(top_p=0.75), normalised([0.4, 0.3, 0.15, 0, 0])),
+    # top-k 4 renormalises [.4, .3, .15, .1] by .95; mass above each: 0, .42, .74, .89 -> three stay (the engine
+    # takes its top-k path: the nucleus found among the top-k values)
+    "top_k_top_p": (SamplingParams(top_k=4, top_p=0.75), normalised([0.4, 0.3, 0.15, 0, 0])),
     # floor .3 * max = .12: .1 and .05 go
     "min_p": (SamplingParams(min_p=0.3), normalised([0.4, 0.3, 0.15, 0, 0])),
     # exp(log .4 - 1.5) = .4 e^-1.5 for the seen token, the others unchanged
@@ -56,6 +71,25 @@ def empirical(tokens: torch.Tensor) -> torch.Tensor:
     return torch.bincount(tokens, minlength=len(BASE)).double() / tokens.numel()
 
 
+def row_params(params: list[SamplingParams]) -> RowParams:
+    """The engine's per-row parameter tensors, one row per entry of `params`."""
+    names = ("temperature", "top_p", "top_k", "min_p", "presence_penalty")
+    return RowParams(*(torch.tensor([getattr(p, name) for p in params]) for name in names))
+
+
+def draw_reference(params: SamplingParams) -> torch.Tensor:
+    """`sample_logits`: logit space without top-p, through `probabilities` with it."""
+    return sample_logits(base_logits(DRAWS), params, seen=seen_mask(DRAWS), generator=torch.Generator().manual_seed(1234))
+
+
+def draw_engine(params: SamplingParams) -> torch.Tensor:
+    """`sample_rows` with counter-based noise, one seed per row (rows with a top-k race over their candidates)."""
+    seeds = torch.arange(DRAWS)
+    noise = lambda columns: row_uniforms_at(seeds, torch.zeros_like(seeds), 0, columns)  # noqa: E731
+    return sample_rows(base_logits(DRAWS), row_params([params] * DRAWS), SamplingMode.of([params]), noise,
+                       seen=seen_mask(DRAWS))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_probabilities_by_hand(case):
     params, expected = CASES[case]
@@ -63,13 +97,20 @@ def test_probabilities_by_hand(case):
     torch.testing.assert_close(probabilities(logits, params)[0], torch.tensor(expected), rtol=0, atol=1e-6)
 
 
+def test_engine_rows_of_one_batch_get_their_hand_distributions():
+    """`row_probabilities` (the engine's transforms, parameters per row) on a batch with one row per case."""
+    params, expected = zip(*CASES.values())
+    got = row_probabilities(base_logits(len(params)), row_params(list(params)), SamplingMode.of(list(params)), None,
+                            seen_mask(len(params)))
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("draw", [draw_reference, draw_engine], ids=["sample_logits", "sample_rows"])
 @pytest.mark.parametrize("case", CASES)
-def test_sample_logits_draws_the_hand_distribution(case):
-    """Both sampler paths (logit space without top-p, probabilities with it): TV bound, excluded ids never drawn."""
+def test_samplers_draw_the_hand_distribution(case, draw):
+    """Reference and engine samplers: TV bound against the hand distribution, excluded ids never drawn."""
     params, expected = CASES[case]
-    generator = torch.Generator().manual_seed(1234)
-    tokens = sample_logits(base_logits(DRAWS), params, seen=seen_mask(DRAWS), generator=generator)
-    freq, expected = empirical(tokens), torch.tensor(expected, dtype=torch.float64)
+    freq, expected = empirical(draw(params)), torch.tensor(expected, dtype=torch.float64)
     assert float((freq - expected).abs().sum() / 2) < TV_BOUND, (freq.tolist(), expected.tolist())
     assert not freq[expected == 0].any()
 
@@ -113,12 +154,9 @@ def test_sampling_params_accept_the_edges():
 def test_top_k_rows_race_over_their_candidates_only():
     """With every sampled row top-k'd, `sample_rows` draws over the top-k candidates with the noise of those ids,
     and picks the token the whole-vocabulary race picks (top-p, min-p, temperatures, a greedy row mixed in)."""
-    from pipo.model.sampling import RowParams, SamplingMode, row_uniforms_at, sample_rows
-
     params = [SamplingParams(1.0, 0.9, 5), SamplingParams(0.7, 1.0, 3), SamplingParams(0.0),
               SamplingParams(1.0, 0.5, 8, 0.1), SamplingParams(2.0, 0.95, 20), SamplingParams(1.0, 1.0, 1)]
-    rows = RowParams(*(torch.tensor([getattr(p, name) for p in params]) for name in
-                       ("temperature", "top_p", "top_k", "min_p", "presence_penalty")))
+    rows = row_params(params)
     mode = SamplingMode.of(params)
     whole = SamplingMode(mode.greedy, mode.penalty, mode.top_k, mode.top_p, mode.min_p, top_k_all=False)
     assert mode.top_k_all and mode.top_k == 32

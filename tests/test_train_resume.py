@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from pipo.train.stages import DONE_FILE, RUN_FILE, SFTStageConfig, _finish, prepare_run, stage_fingerprint
+from pipo.train.stages import DONE_FILE, RUN_FILE, STEP_LOGS, SFTStageConfig, _finish, prepare_run, stage_fingerprint
 
 
 def _checkpoint(out: Path, step: int, max_steps: int = 8) -> Path:
@@ -33,6 +33,20 @@ def test_killed_run_resumes_from_its_newest_checkpoint(tmp_path):
     _checkpoint(out, 2), _checkpoint(out, 4)
     assert prepare_run(out, "a") == (None, out / "checkpoint-4")
     assert json.loads((out / RUN_FILE).read_text())["resumed_from"] == ["checkpoint-4"]
+
+
+def test_resume_drops_the_log_rows_written_after_its_checkpoint(tmp_path):
+    """Steps 3-4 were logged after checkpoint-2, then the kill cut a line: the resumed run logs 3-4 again."""
+    out = tmp_path / "out"
+    prepare_run(out, "a")
+    _checkpoint(out, 2)
+    steps = [{"global_step/max_steps": f"{step}/8", "loss": step} for step in range(1, 5)]
+    (out / "logging.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [{"args": 1}, *steps]) + '{"los')
+    rollouts = [{"step": [str(step)] * 2, "completion": ["a", "b"]} for step in range(1, 5)]
+    (out / "completions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rollouts))
+    assert prepare_run(out, "a") == (None, out / "checkpoint-2")
+    logged = {name: [json.loads(line) for line in (out / name).read_text().splitlines()] for name in STEP_LOGS}
+    assert logged == {"logging.jsonl": [{"args": 1}, *steps[:2]], "completions.jsonl": rollouts[:2]}
 
 
 def test_finished_run_is_returned_then_started_over_when_its_record_is_deleted(tmp_path):

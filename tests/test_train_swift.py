@@ -196,34 +196,74 @@ def test_opd_first_step_loss_equals_the_loss_recomputed_from_its_batch(divergenc
     assert logs[0]["opd_conf_mean_target"] == pytest.approx(float(expected.conf_mean_target), abs=2e-4, rel=1e-3)
 
 
-def test_killed_run_resumes_to_the_uninterrupted_run(sft_run, tmp_path):
-    """`sft_run`'s settings in another folder, ended abruptly after step 5 (after checkpoint-3, before step 5's log
-    and the checkpoint at 6), then resumed: the same adapter weights and per-step metrics as the uninterrupted run."""
-    reference, base = sft_run
-    config = {**base, "output_dir": str(tmp_path / "sft")}
-    config_path = tmp_path / "sft.json"
+@pytest.fixture(scope="module")
+def opd_run(merged, backbone_dir, data, tmp_path_factory):
+    """A few OPD steps from the merged SFT model at threshold 0.5 (rollouts with rejected drafts), rollouts logged."""
+    out = tmp_path_factory.mktemp("opd")
+    config = {**TINY, "model": str(merged), "teacher": str(backbone_dir("llama", hidden_size=96)),
+              "dataset": str(data["rl"]), "output_dir": str(out), "max_steps": 4, "per_device_batch_size": 2,
+              "learning_rate": 1e-3, "save_steps": 2, "max_completion_length": 16,
+              "pipo": {"divergence": "topk", "conf_threshold": 0.5, "topk": 4},
+              "extra_args": ["--log_completions", "true"]}
+    return run_opd(config), config
+
+
+SFT_LOGGED = ("loss", "backbone_loss", "mtp_loss", "conf_loss", "conf_mean_target")
+OPD_LOGGED = ("loss", "opd_backbone_loss", "opd_mtp_loss", "opd_conf_loss", "opd_conf_mean_target")
+# stage -> (uninterrupted run fixture, stage runner, kill after step, checkpoint kept, metrics compared per step)
+RESUME_CASES = {
+    "sft": ("sft_run", run_sft, 5, "checkpoint-3", SFT_LOGGED),  # steps 4 (logged) and 5 (not) are redone
+    "opd": ("opd_run", run_opd, 4, "checkpoint-2", OPD_LOGGED),  # step 3 (logged, rollouts too) and 4 are redone
+}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _close_to(rows: list[dict]) -> list[dict]:
+    """`rows` with each float compared to rtol 1e-4 (a resumed run may sum in another order: last bits differ)."""
+    return [{k: pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v for k, v in row.items()}
+            for row in rows]
+
+
+@pytest.mark.parametrize("stage", sorted(RESUME_CASES))
+def test_killed_run_resumes_to_the_uninterrupted_run(stage, request, tmp_path):
+    """The uninterrupted run's settings in another folder, ended abruptly after a step past a checkpoint (before that
+    step's log and checkpoint), then resumed: the same adapter weights, per-step metrics and logged rows (ms-swift's
+    `logging.jsonl`; OPD: the rollouts in `completions.jsonl`) as the uninterrupted run."""
+    fixture, run_stage, kill_after, kept_name, metrics = RESUME_CASES[stage]
+    reference, base = request.getfixturevalue(fixture)
+    out = tmp_path / stage
+    config = {**base, "output_dir": str(out)}
+    config_path = tmp_path / f"{stage}.json"
     config_path.write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", EXIT_AFTER_STEPS_ENV: "5"}
-    killed = subprocess.run([sys.executable, "-m", "pipo.cli", "sft", "--config", str(config_path)], env=env,
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", EXIT_AFTER_STEPS_ENV: str(kill_after)}
+    killed = subprocess.run([sys.executable, "-m", "pipo.cli", stage, "--config", str(config_path)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == 75, killed.stderr[-3000:]
-    kept = newest_checkpoint(config["output_dir"])
-    assert kept.name == "checkpoint-3"
+    kept = newest_checkpoint(out)
+    assert kept.name == kept_name
     saved_at = (kept / "adapter_model.safetensors").stat().st_mtime_ns
-    final = run_sft(config)  # the same settings and inputs: resumes
+    final = run_stage(config)  # the same settings and inputs: resumes
     assert (kept / "adapter_model.safetensors").stat().st_mtime_ns == saved_at  # resumed, not retrained
-    assert final.name == reference.name == "checkpoint-6"
-    assert json.loads((Path(config["output_dir"]) / "pipo_stage.json").read_text())["resumed_from"] == ["checkpoint-3"]
+    assert final.name == reference.name == f"checkpoint-{base['max_steps']}"
+    assert json.loads((out / "pipo_stage.json").read_text())["resumed_from"] == [kept_name]
     from safetensors.torch import load_file
 
     got, expected = (load_file(str(c / "adapter_model.safetensors")) for c in (final, reference))
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
-    metrics = ("step", "epoch", "loss", "backbone_loss", "mtp_loss", "conf_loss", "conf_mean_target")
-    logs, expected_logs = ([{k: e[k] for k in metrics} for e in _losses(c)] for c in (final, reference))
-    assert [e["step"] for e in logs] == list(range(1, 7))
-    assert logs == [{k: pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in e.items()} for e in expected_logs]
+    logs, expected_logs = ([{k: e[k] for k in ("step", *metrics)} for e in _losses(c)] for c in (final, reference))
+    assert [e["step"] for e in logs] == list(range(1, base["max_steps"] + 1))
+    assert logs == _close_to(expected_logs)
+    logged = ("global_step/max_steps", *metrics)
+    rows, expected_rows = ([{k: e.get(k) for k in logged} for e in _jsonl(d / "logging.jsonl")]
+                           for d in (out, reference.parent))
+    assert rows == _close_to(expected_rows)
+    rollouts, expected_rollouts = (_jsonl(d / "completions.jsonl") for d in (out, reference.parent))
+    assert rollouts == expected_rollouts and len(rollouts) == (base["max_steps"] if stage == "opd" else 0)
 
 
 def test_swift_command_line_with_the_plugin(backbone_dir, data, tmp_path):

@@ -4,8 +4,8 @@ Each stage turns a config dict into ms-swift arguments (LoRA, modules to save, s
 DeepSpeed ZeRO-2 and gradient checkpointing on GPU, torchrun via NPROC_PER_NODE), runs
 ms-swift, and returns the checkpoint. A stage records the fingerprint of its settings and
 inputs (`pipo_run.json`) when it starts: a rerun with the same fingerprint after a kill or a
-preemption resumes from the newest `checkpoint-*`; a finished stage leaves `pipo_stage.json`
-and is not run again. A changed fingerprint, or a finished run whose `pipo_stage.json` was
+preemption resumes from the newest `checkpoint-*` (log rows written after it are dropped: the
+resumed run writes them again); a finished stage leaves `pipo_stage.json` and is not run again. A changed fingerprint, or a finished run whose `pipo_stage.json` was
 deleted (Snakemake deletes a job's outputs for `--forcerun`), trains from scratch.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 MODULES_TO_SAVE = ("compressor", "confidence_head", "mtp.fc", "mtp.pre_fc_norm_embedding", "mtp.pre_fc_norm_hidden", "mtp.norm")
 DONE_FILE = "pipo_stage.json"  # completion record: the rule's output
 RUN_FILE = "pipo_run.json"  # fingerprint of the run in progress; removed when it finishes
+STEP_LOGS = ("logging.jsonl", "completions.jsonl")  # ms-swift's per-step log; GKD's rollouts (--log_completions)
 
 
 @dataclass
@@ -279,16 +280,44 @@ def prepare_run(output_dir: str | Path, fingerprint: str) -> tuple[Path | None, 
     if run.get("fingerprint") == fingerprint:
         resume = newest_checkpoint(out)
         if resume is not None:
+            drop_log_rows_after(out, json.loads((resume / "trainer_state.json").read_text())["global_step"])
             run["resumed_from"] = [*run.get("resumed_from", []), resume.name]
             atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2))
         return None, resume
     for stale in out.glob("checkpoint-*"):
         shutil.rmtree(stale)
-    for stale in (out / DONE_FILE, out / "logging.jsonl", out / "last-checkpoint"):  # ms-swift: log, symlink
+    for stale in (out / DONE_FILE, out / "last-checkpoint", *(out / n for n in STEP_LOGS)):  # ms-swift: symlink, logs
         stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RUN_FILE, json.dumps({"fingerprint": fingerprint, "resumed_from": []}, indent=2))
     return None, None
+
+
+def _row_step(row: dict[str, Any]) -> int | None:
+    """The optimizer step an ms-swift log row was written at; None for a run-level row (arguments, summary)."""
+    if "global_step/max_steps" in row:  # logging.jsonl: "3/8"
+        return int(str(row["global_step/max_steps"]).split("/")[0])
+    step = row.get("step")  # completions.jsonl: one entry per rollout of the step
+    if isinstance(step, list):
+        step = step[0] if step else None
+    return None if step is None else int(step)
+
+
+def drop_log_rows_after(out: Path, step: int) -> None:
+    """Drop the log rows a killed run wrote after its checkpoint at `step` (and a line the kill cut off): the resumed
+    run logs those steps again, so its logs end up those of an uninterrupted run, without repeated steps."""
+    for path in (out / name for name in STEP_LOGS):
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row_step = _row_step(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # the half-written last line of a kill
+            if row_step is None or row_step <= step:
+                kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
 
 
 def _reached_max_steps(checkpoint: Path) -> bool:
