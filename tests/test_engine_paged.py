@@ -90,6 +90,38 @@ def test_sampling_depends_only_on_the_seed(pipo_model, qwen_regular, method):
     assert other != alone[0]
 
 
+@pytest.mark.parametrize("method", ["regular", "pipo", "mtp", "eagle"])
+def test_first_tokens_of_prompts_prefilled_together_are_one_call(pipo_model, qwen_regular, method):
+    """Prompts that finish prefill in one step get their first token(s) in one batched call, over slots that
+    need not be contiguous (1 runs while 0 and 2 start): every sample equals the one decoded alone."""
+    model = pipo_model("qwen3_5") if method == "pipo" else qwen_regular[0]
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, presence_penalty=1.5)
+    plan = [("r0", PROMPTS[0], 1, sampled), ("r1", PROMPTS[2], NEW, GREEDY), ("r2", PROMPTS[1], 1, GREEDY),
+            ("r3", PROMPTS[3], NEW, sampled), ("r4", PROMPTS[4], NEW, GREEDY)]
+    kw = dict(eos_token_ids=[], block_size=4, max_seq_len=40)
+    alone = Engine(model, method, max_batch_size=1, **kw)
+    expected = [alone.generate([prompt], params, max_new_tokens=budget, seeds=[i])[0][0].raw_ids
+                for i, (_, prompt, budget, params) in enumerate(plan)]
+    engine = Engine(model, method, max_batch_size=3, **kw)
+    calls = []
+    first = engine.decoder.first
+    engine.decoder.first = lambda seqs: calls.append(sorted(seqs)) or first(seqs)
+    done = {}
+    for i, (rid, prompt, budget, params) in enumerate(plan[:3]):
+        engine.add_request(rid, prompt, params, max_new_tokens=budget, seed=i)
+    for u in engine.step():  # r0 and r2 end at their first token, r1 runs on in slot 1
+        done[u.request_id] = u.completion.raw_ids if u.finished else None
+    for i, (rid, prompt, budget, params) in enumerate(plan[3:], start=3):
+        engine.add_request(rid, prompt, params, max_new_tokens=budget, seed=i)
+    while engine.has_unfinished():
+        for u in engine.step():
+            if u.finished:
+                done[u.request_id] = u.completion.raw_ids
+    assert calls == [[0, 1, 2], [0, 2]]
+    assert [done[rid] for rid, *_ in plan] == expected
+    check_no_leaks(engine)
+
+
 def test_admission_is_fifo_and_the_newest_is_preempted(qwen_regular):
     engine = tight_engine(qwen_regular[0], "regular")
     for i, prompt in enumerate(PROMPTS[:3]):

@@ -239,20 +239,23 @@ class Decoder:
     def live(self, seqs: dict[int, Sequence], values: list, stepped: bool, width: int):
         """`(sequence, its values)` for sequences still running; a `stepped` pass counts and grows them by `width`.
 
+        A step's values are indexed by slot, those of `first` by the sequence's place in `seqs`.
         Values come one step late, so a sequence may have stopped since its step was queued.
         """
-        first = min(seqs) if not stepped else 0
-        for slot, seq in seqs.items():
+        for i, (slot, seq) in enumerate(seqs.items()):
             if seq.done:
                 continue
             if stepped:
                 seq.stats.forward_passes += 1
                 seq.length += width
-            yield seq, values[slot - first]
+            yield seq, values[slot if stepped else i]
 
-    def mark_seen(self, rows: slice, tokens: torch.Tensor, where: torch.Tensor | None = None) -> None:
-        seen = self.seen[rows]
-        index = torch.arange(tokens.shape[0], device=tokens.device)
+    def mark_seen(self, rows: slice | torch.Tensor, tokens: torch.Tensor, where: torch.Tensor | None = None) -> None:
+        """Mark `tokens` [B] present in the rows (a range of slots, or the slots of an index tensor)."""
+        if isinstance(rows, slice):
+            seen, index = self.seen[rows], torch.arange(tokens.shape[0], device=tokens.device)
+        else:
+            seen, index = self.seen, rows
         # a device tensor as the value: a Python `True` would be a host-to-device copy (not capturable)
         seen[index, tokens] = torch.ones_like(tokens, dtype=torch.bool) if where is None else seen[index, tokens] | where
 
@@ -361,9 +364,17 @@ class Decoder:
         start = self.to_device(starts)[:, None]
         return (start + torch.arange(width, device=self.device)).clamp(max=self.capacity - 1)
 
-    def first(self, slot: int, seq: Sequence) -> Launched | None:
-        """Sample the first token(s) of a freshly prefilled slot; like `step`, the values come with `.finish()`
-        (None: emitted already)."""
+    def first_rows(self, seqs: dict[int, Sequence]) -> slice | torch.Tensor:
+        """The rows of freshly prefilled slots (in `seqs` order, ascending): a range when contiguous (views, and
+        under CUDA graphs a replay for slot 0), else an index tensor (calls run eagerly)."""
+        slots = list(seqs)
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))
+        return self.to_device(slots)
+
+    def first(self, seqs: dict[int, Sequence]) -> Launched | None:
+        """Sample the first token(s) of freshly prefilled slots `{slot: sequence}` (ascending slots), all rows in
+        one batched call; like `step`, the values come with `.finish()` (None: emitted already)."""
         raise NotImplementedError
 
     def step(self, batch: int, seqs: dict[int, Sequence]) -> Launched:
@@ -393,10 +404,10 @@ class RegularDecoder(Decoder):
         return token[:, None]
 
     @torch.no_grad()
-    def first(self, slot, seq):
-        rows = slice(slot, slot + 1)
+    def first(self, seqs):
+        rows = self.first_rows(seqs)
         values = self.sample_next(rows, 0, self.lm(self.h_last[rows]))
-        return launch({slot: seq}, values, functools.partial(self._emit, stepped=False))
+        return launch(seqs, values, functools.partial(self._emit, stepped=False))
 
     @torch.no_grad()
     def step(self, batch, seqs):
@@ -469,12 +480,12 @@ class PipoDecoder(Decoder):
         return torch.stack([t2, keep.long()], dim=1)
 
     @torch.no_grad()
-    def first(self, slot, seq):
-        rows = slice(slot, slot + 1)
+    def first(self, seqs):
+        rows = self.first_rows(seqs)
         hidden = self.h_last[rows][:, None]
         fns = {name: getattr(self, name) for name in self.sample_fns}
-        values = self._pair(rows, hidden, self.lm(hidden)[:, -1], self.kv_len({slot: seq}), fns)
-        return launch({slot: seq}, values, functools.partial(self._emit, stepped=False))
+        values = self._pair(rows, hidden, self.lm(hidden)[:, -1], self.kv_len(seqs), fns)
+        return launch(seqs, values, functools.partial(self._emit, stepped=False))
 
     @torch.no_grad()
     def step(self, batch, seqs):
@@ -488,8 +499,9 @@ class PipoDecoder(Decoder):
         values [B, 3] (token1, token2, kept)."""
         t1 = fns["sample_first"](rows, kv_len, logits)
         if not self.uses_mtp:
-            self.pending[rows, 1].fill_(self.parts.pad_token_id)
-            return torch.stack([t1, torch.full_like(t1, self.parts.pad_token_id), torch.zeros_like(t1)], dim=1)
+            pad = torch.full_like(t1, self.parts.pad_token_id)
+            self.pending[rows, 1] = pad
+            return torch.stack([t1, pad, torch.zeros_like(t1)], dim=1)
         positions = (self.lengths[rows] - 1)[:, None]
         logits2, conf = self.mtp_step(rows, kv_len, t1[:, None], hidden, positions)
         second = fns["sample_second"](rows, kv_len, logits2[:, -1], conf[:, -1])
@@ -524,14 +536,14 @@ class MTPDecoder(Decoder):
         return [(self.backbone_step, (ids, ids)), (self.mtp_step, (ids, hidden, ids))]
 
     @torch.no_grad()
-    def first(self, slot, seq):
-        rows = slice(slot, slot + 1)
+    def first(self, seqs):
+        rows = self.first_rows(seqs)
         hidden = self.h_last[rows][:, None]
         token = self.pick(self.lm(hidden)[:, -1], rows, 0)
         self.mark_seen(rows, token)
         positions = (self.lengths[rows] - 1)[:, None]
-        values = self._draft(rows, token, token[:, None], hidden, positions, self.kv_len({slot: seq}))
-        return launch({slot: seq}, values, functools.partial(self._emit, stepped=False))
+        values = self._draft(rows, token, token[:, None], hidden, positions, self.kv_len(seqs))
+        return launch(seqs, values, functools.partial(self._emit, stepped=False))
 
     @torch.no_grad()
     def step(self, batch, seqs):
@@ -587,21 +599,24 @@ class EagleDecoder(Decoder):
                 (self.mtp_step, (one, hidden[:, :1], one))]
 
     @torch.no_grad()
-    def first(self, slot, seq):
-        """Sample the first token and draft after it; a resumed sequence drafts after its held last token
-        instead, which puts it where an uninterrupted run is between steps (same draws from there on)."""
-        rows = slice(slot, slot + 1)
+    def first(self, seqs):
+        """Sample the first tokens and draft after them; a resumed sequence drafts after its held last token
+        instead, which puts it where an uninterrupted run is between steps (same draws from there on). The
+        tokens are emitted now; every row drafts (a sequence that ended never uses its drafts)."""
+        rows = self.first_rows(seqs)
         hidden = self.h_last[rows][:, None]
-        held = seq.held_token()
-        if held:
-            token = self.to_device(held)
-        else:
-            token = self.pick(self.lm(hidden)[:, -1], rows, 0)
-            self.mark_seen(rows, token)
-            if seq.emit(token.item()):
-                return
+        held = [seq.held_token() for seq in seqs.values()]
+        token = self.pick(self.lm(hidden)[:, -1], rows, 0)
+        fresh = None
+        if any(held):
+            fresh = self.to_device([not h for h in held]).bool()
+            token = torch.where(fresh, token, self.to_device([h[0] if h else 0 for h in held]))
+        self.mark_seen(rows, token, fresh)
+        for seq, value, kept in zip(seqs.values(), token.tolist(), held):
+            if not kept:
+                seq.emit(value)
         positions = (self.lengths[rows] - 1)[:, None]
-        self._draft(rows, token, token[:, None], hidden, positions, torch.zeros_like(token), self.kv_len({slot: seq}))
+        self._draft(rows, token, token[:, None], hidden, positions, torch.zeros_like(token), self.kv_len(seqs))
 
     def _draft(self, rows, last, tokens, hidden, positions, take, kv_len):
         """MTP over the newly verified entries, then k-1 chained steps on its own output; store drafts and q."""

@@ -13,7 +13,7 @@ Scheduling, once per `step()`:
 2. prefill chunks of admitted prompts in one forward (several prompts, padded to the longest
    chunk) under a per-step token budget (`max_prefill_tokens`), in rows of their own, so running
    sequences keep decoding while long prompts come in;
-   a finished prefill is cached, moved to its decode slot and sampled once;
+   finished prefills are cached, moved to their decode slots and sampled together (one batched call);
 3. give every decoding sequence the blocks its next step may write; when the pool runs
    out, the most recently admitted sequence is preempted (blocks freed, requeued first,
    later recomputed from its prompt and tokens so far: outputs do not change);
@@ -477,6 +477,11 @@ class Engine:
                 self._cache_prompt(seq)
             self._to_decode(seq)
             started.append(seq)
+        if started:  # the first token(s) of every prompt this step finished, in one batched call
+            self._set_mode()
+            launched = self.decoder.first({s.slot: s for s in sorted(started, key=lambda s: s.slot)})
+            if launched is not None:
+                self.firsts.append(launched)
         return started
 
     def _cache_prompt(self, seq: Sequence) -> None:
@@ -501,17 +506,13 @@ class Engine:
                                              waiting=self.queued_prompts[seq.units]))
 
     def _to_decode(self, seq: Sequence) -> None:
-        """Move a prefilled sequence from its prefill row to its decode slot and sample its first token(s)."""
+        """Move a prefilled sequence from its prefill row to its decode slot (`_prefill` samples its first token(s))."""
         row, seq.row = seq.row, seq.slot
         self.decoder.move(row, seq.slot)
         self.decoder.tables[row].zero_()
         heapq.heappush(self.free_rows, row)
         seq.length = len(seq.feed) // self.decoder.unit_width
         self.running[seq.slot] = seq
-        self._set_mode()
-        launched = self.decoder.first(seq.slot, seq)
-        if launched is not None:
-            self.firsts.append(launched)
 
     def _reserve_decode_blocks(self) -> None:
         """Blocks for every position the next step may write; evict cached prompts, then preempt the newest."""

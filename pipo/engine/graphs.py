@@ -44,8 +44,9 @@ class GraphedFn:
             out = self.fn(rows, kv_len, *static)
         self.graphs[self._key(rows, kv_len, static)] = (graph, static, out)
 
-    def __call__(self, rows: slice, kv_len: int, *tensors: torch.Tensor):
-        entry = self.graphs.get(self._key(rows, kv_len, tensors))
+    def __call__(self, rows: slice | torch.Tensor, kv_len: int, *tensors: torch.Tensor):
+        """Replays the graph captured for these rows and shapes; rows named by an index tensor run eagerly."""
+        entry = self.graphs.get(self._key(rows, kv_len, tensors)) if isinstance(rows, slice) else None
         if entry is None:
             return self.fn(rows, kv_len, *tensors)
         graph, static, out = entry
