@@ -122,6 +122,19 @@ def test_first_tokens_of_prompts_prefilled_together_are_one_call(pipo_model, qwe
     check_no_leaks(engine)
 
 
+def test_samples_start_in_the_step_that_prefills_their_prompt(qwen_regular):
+    """The n samples of a prompt share one prefill forward and one first-token call, in the same step."""
+    engine = Engine(qwen_regular[0], "regular", eos_token_ids=[], block_size=4, max_seq_len=40)
+    engine.add_request("a", PROMPTS[0], SamplingParams(temperature=1.0), max_new_tokens=NEW, n=3, seed=5)
+    engine.add_request("b", PROMPTS[1], GREEDY, max_new_tokens=NEW)
+    updates = engine.step()
+    assert sorted((u.request_id, u.sample) for u in updates) == [("a", 0), ("a", 1), ("a", 2), ("b", 0)]
+    assert engine.metrics["prefill_forwards"] == 1 and engine.prefix_cache.hit_blocks > 0
+    while engine.has_unfinished():
+        engine.step()
+    check_no_leaks(engine)
+
+
 def test_admission_is_fifo_and_the_newest_is_preempted(qwen_regular):
     engine = tight_engine(qwen_regular[0], "regular")
     for i, prompt in enumerate(PROMPTS[:3]):

@@ -9,7 +9,8 @@ reserve (`num_blocks` overrides it). Linear-attention states stay per running se
 Scheduling, once per `step()`:
 1. admit waiting sequences (first come, first served) while a decode slot, a prefill row and
    the blocks of their prompt are free; a prompt whose prefix is cached shares its blocks;
-   the `n` samples of a prompt wait for the first one's prefill and then share it;
+   the `n` samples of a prompt wait for the first one's prefill and start on its cached state in the
+   step that finishes it;
 2. prefill chunks of admitted prompts in one forward (several prompts, padded to the longest
    chunk) under a per-step token budget (`max_prefill_tokens`), in rows of their own, so running
    sequences keep decoding while long prompts come in;
@@ -385,13 +386,17 @@ class Engine:
         return results  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- scheduling
-    def _admit(self) -> None:
+    def _admit(self, only: set[tuple[int, ...]] | None = None) -> None:
         """Admit waiting sequences in order while rows and blocks allow; samples of a prompt being prefilled
-        wait for it (they will share its blocks), samples of a cached prompt start together."""
+        wait for it (they will share its blocks), samples of a cached prompt start together. `only`: stop at
+        the first waiting sequence that is not a fresh sample of one of these prompts."""
         busy = {s.feed for s in self.prefilling if not s.raw and self._unprefilled(s)}
         skipped = []
         while self.waiting and self.free_slots and self.free_rows:
             seq = self.waiting.popleft()
+            if only is not None and (seq.raw or seq.feed not in only):
+                self.waiting.appendleft(seq)
+                break
             if not seq.raw and seq.feed in busy:
                 skipped.append(seq)
                 continue
@@ -450,7 +455,8 @@ class Engine:
 
     def _prefill(self) -> list[Sequence]:
         """One prefill forward over chunks of admitted prompts, first come first, under the per-step token budget
-        (counted padded: rows x the longest chunk); start the prompts it finishes (or the cache served whole)."""
+        (counted padded: rows x the longest chunk); start the prompts it finishes (or the cache served whole) and
+        the samples that waited for them, and sample all their first tokens in one call."""
         chunks: list[tuple[Sequence, int]] = []
         width = rows = 0
         for seq in self.prefilling:
@@ -472,11 +478,14 @@ class Engine:
             if seq.prefilled < len(seq.feed) // self.decoder.unit_width:
                 continue
             seq.stats.forward_passes += int(take > 0)
-            self.prefilling.remove(seq)
-            if not seq.raw and seq.stats.forward_passes:  # a prompt it prefilled (not one served whole by the cache)
-                self._cache_prompt(seq)
             self._to_decode(seq)
             started.append(seq)
+        prompts = {s.feed for s in started if not s.raw and s.stats.forward_passes}
+        if prompts:  # the samples that waited for these prompts start on their cached state now, not a step later
+            self._admit(only=prompts)
+            for seq in [s for s in self.prefilling if not self._unprefilled(s)]:
+                self._to_decode(seq)
+                started.append(seq)
         if started:  # the first token(s) of every prompt this step finished, in one batched call
             self._set_mode()
             launched = self.decoder.first({s.slot: s for s in sorted(started, key=lambda s: s.slot)})
@@ -506,7 +515,11 @@ class Engine:
                                              waiting=self.queued_prompts[seq.units]))
 
     def _to_decode(self, seq: Sequence) -> None:
-        """Move a prefilled sequence from its prefill row to its decode slot (`_prefill` samples its first token(s))."""
+        """Cache a prompt it prefilled (not one the cache served whole) and move the sequence from its prefill row
+        to its decode slot (`_prefill` samples its first token(s))."""
+        self.prefilling.remove(seq)
+        if not seq.raw and seq.stats.forward_passes:
+            self._cache_prompt(seq)
         row, seq.row = seq.row, seq.slot
         self.decoder.move(row, seq.slot)
         self.decoder.tables[row].zero_()
