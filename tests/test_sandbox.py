@@ -26,6 +26,7 @@ from pipo.eval.sandbox import (
     SandboxConfig,
     SandboxUnavailable,
     Status,
+    _warn_unsafe,
     bubblewrap_problem,
     run_python,
     sandbox_mode,
@@ -372,6 +373,7 @@ def test_hostile_source_is_contained_at_compile_time():
 def test_without_bubblewrap_code_is_refused_unless_unsafe_is_asked_for(monkeypatch, caplog):
     monkeypatch.setenv("PATH", "/nonexistent")  # bwrap cannot be found
     bubblewrap_problem.cache_clear()
+    _warn_unsafe.cache_clear()  # the warning is logged once per process: an earlier test (pipo score) may have had it
     try:
         with pytest.raises(SandboxUnavailable, match="--unsafe-no-sandbox"):
             run_python("print(1)", "", FAST)
