@@ -135,6 +135,33 @@ def test_samples_start_in_the_step_that_prefills_their_prompt(qwen_regular):
     check_no_leaks(engine)
 
 
+@pytest.mark.parametrize("method", ["regular", "eagle"])
+def test_a_finished_sequence_is_released_not_preempted(qwen_regular, method):
+    """Samples that end at their first token are the newest while two long ones outgrow the pool: they must
+    finish (a preempted finished sample used to be requeued, and the engine then never finished)."""
+    path, model, _ = qwen_regular
+    engine = tight_engine(path, method, spare=3)
+    longs = [list(range(30, 52)), list(range(60, 80))]
+    for i, prompt in enumerate(longs):
+        engine.add_request(f"long{i}", prompt, GREEDY, max_new_tokens=16)
+    for i in range(4):
+        engine.add_request(f"short{i}", PROMPTS[3][: 3 + i], GREEDY, max_new_tokens=1, n=2)
+    done = {}
+    for _ in range(200):
+        for update in engine.step():
+            if update.finished:
+                done[(update.request_id, update.sample)] = update.completion.token_ids
+        if not engine.has_unfinished():
+            break
+    assert engine.metrics["preemptions"] > 0 and len(done) == 10
+    for i, prompt in enumerate(longs):
+        assert done[(f"long{i}", 0)] == generate_regular_reference(model, prompt, 16, GREEDY, EOS).token_ids
+    for i in range(4):
+        first = generate_regular_reference(model, PROMPTS[3][: 3 + i], 1, GREEDY, EOS).token_ids
+        assert done[(f"short{i}", 0)] == done[(f"short{i}", 1)] == first
+    check_no_leaks(engine)
+
+
 def test_admission_is_fifo_and_the_newest_is_preempted(qwen_regular):
     engine = tight_engine(qwen_regular[0], "regular")
     for i, prompt in enumerate(PROMPTS[:3]):

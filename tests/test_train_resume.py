@@ -42,11 +42,22 @@ def test_resume_drops_the_log_rows_written_after_its_checkpoint(tmp_path):
     _checkpoint(out, 2)
     steps = [{"global_step/max_steps": f"{step}/8", "loss": step} for step in range(1, 5)]
     (out / "logging.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [{"args": 1}, *steps]) + '{"los')
-    rollouts = [{"step": [str(step)] * 2, "completion": ["a", "b"]} for step in range(1, 5)]
-    (out / "completions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rollouts))
+    # ms-swift writes ensure_ascii=False: line and paragraph separators stay raw inside the strings
+    rollouts = [{"step": [str(step)] * 2, "completion": ["a\u2028b", "c\x85d"]} for step in range(1, 5)]
+    (out / "completions.jsonl").write_text(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rollouts), encoding="utf-8")
     assert prepare_run(out, "a") == (None, out / "checkpoint-2")
-    logged = {name: [json.loads(line) for line in (out / name).read_text().splitlines()] for name in STEP_LOGS}
+    logged = {name: [json.loads(line) for line in (out / name).read_text(encoding="utf-8").split("\n") if line]
+              for name in STEP_LOGS}
     assert logged == {"logging.jsonl": [{"args": 1}, *steps[:2]], "completions.jsonl": rollouts[:2]}
+
+
+def test_run_killed_before_its_first_checkpoint_starts_its_logs_over(tmp_path):
+    out = tmp_path / "out"
+    prepare_run(out, "a")
+    (out / "logging.jsonl").write_text(json.dumps({"args": 1}) + "\n" + json.dumps({"global_step/max_steps": "1/8"}))
+    assert prepare_run(out, "a") == (None, None)
+    assert (out / "logging.jsonl").read_text() == json.dumps({"args": 1}) + "\n"
 
 
 def test_finished_run_is_returned_then_started_over_when_its_record_is_deleted(tmp_path):

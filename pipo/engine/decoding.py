@@ -4,7 +4,7 @@ A decoder owns the KV block pools, the block tables and the per-slot state of ev
 running sequence (linear-attention states, last hidden, presence marks, sampling
 parameters and seed). `prefill` runs prompt positions `[lo, hi)` of several rows in one
 padded forward (and the MTP head's cache over the prompts' gold tokens); `first` samples the first token(s)
-of a prefilled slot; `step` advances every active slot in rows `[0, B)` by one backbone
+of the slots prefilled in a step, in one batched call; `step` advances every active slot in rows `[0, B)` by one backbone
 pass. Model calls of a decode step go through `graphs.GraphedFn`, which replays CUDA graphs
 captured per batch-size bucket on GPU and runs eagerly elsewhere; `graphs.launch` starts the
 copy of a step's values to the host. Speculative acceptance (EAGLE) lives with the sampling

@@ -544,6 +544,12 @@ class Engine:
             if self.in_flight is not None or self.firsts:  # exact lengths first: emission may finish sequences
                 self._drain()
                 continue
+            finished = [s for s in self.running.values() if s.done]
+            if finished:  # their blocks go back now (`_updates` completes them); a finished one is never requeued
+                for seq in finished:
+                    self._release(seq)
+                self.touched += finished
+                continue
             self._preempt(max([*self.running.values(), *self.prefilling], key=lambda s: s.order))
         for seq, need in wants:
             fresh = self.pool.take(need)
@@ -629,7 +635,11 @@ class Engine:
         with a clear error, leaving the engine empty and usable."""
         self.in_flight, self.firsts = None, []
         for seq in sorted([*self.running.values(), *self.prefilling], key=lambda s: -s.order):
-            self._preempt(seq)
+            if seq.done:  # completed by `_updates`, never requeued
+                self._release(seq)
+                self.touched.append(seq)
+            else:
+                self._preempt(seq)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.oom_streak += 1

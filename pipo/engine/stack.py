@@ -11,9 +11,10 @@ gated-delta-rule steps against preallocated buffers:
   (`tables` is the engine's block-table tensor, shared by every stack);
 - Qwen3.5 linear attention: per slot, the last `kernel - 1` conv inputs and the fp32 recurrent state.
 
-Rows of a decode batch are a contiguous range of slots (`rows: slice`), so every
-buffer access is a view and a decode step over slots `[0, B)` can be graph-captured.
-A batched prefill names its rows by an index tensor and pads its prompts' chunks on the
+Rows of a decode step are a contiguous range of slots (`rows: slice`), so every
+buffer access is a view and a decode step over slots `[0, B)` can be graph-captured;
+first-token calls over slots that are not contiguous name them by an index tensor (run
+eagerly). A batched prefill names its rows by an index tensor and pads its prompts' chunks on the
 right (`lengths`): padded tokens write their keys to the sink block 0 and leave the
 linear-attention states as they are (decay 0 and beta 0 make the delta rule an identity).
 """

@@ -5,8 +5,9 @@ DeepSpeed ZeRO-2 and gradient checkpointing on GPU, torchrun via NPROC_PER_NODE)
 ms-swift, and returns the checkpoint. A stage records the fingerprint of its settings and
 inputs (`pipo_run.json`) when it starts: a rerun with the same fingerprint after a kill or a
 preemption resumes from the newest `checkpoint-*` (log rows written after it are dropped: the
-resumed run writes them again); a finished stage leaves `pipo_stage.json` and is not run again. A changed fingerprint, or a finished run whose `pipo_stage.json` was
-deleted (Snakemake deletes a job's outputs for `--forcerun`), trains from scratch.
+resumed run writes them again); a finished stage leaves `pipo_stage.json` and is not run again.
+A changed fingerprint, or a finished run whose `pipo_stage.json` was deleted (Snakemake deletes a
+job's outputs for `--forcerun`), trains from scratch.
 """
 from __future__ import annotations
 
@@ -279,8 +280,8 @@ def prepare_run(output_dir: str | Path, fingerprint: str) -> tuple[Path | None, 
     run = _read_record(out / RUN_FILE)
     if run.get("fingerprint") == fingerprint:
         resume = newest_checkpoint(out)
+        drop_log_rows_after(out, json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0)
         if resume is not None:
-            drop_log_rows_after(out, json.loads((resume / "trainer_state.json").read_text())["global_step"])
             run["resumed_from"] = [*run.get("resumed_from", []), resume.name]
             atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2))
         return None, resume
@@ -309,12 +310,16 @@ def drop_log_rows_after(out: Path, step: int) -> None:
     for path in (out / name for name in STEP_LOGS):
         if not path.is_file():
             continue
+        # "\n" only: ms-swift writes JSON with ensure_ascii=False, so rows may hold U+2028 or \x85 (splitlines cuts there)
+        lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line]
         kept = []
-        for line in path.read_text().splitlines():
+        for i, line in enumerate(lines):
             try:
                 row_step = _row_step(json.loads(line))
             except json.JSONDecodeError:
-                continue  # the half-written last line of a kill
+                if i == len(lines) - 1:
+                    continue  # the half-written last line of a kill
+                row_step = None  # not ours to judge: kept as it is
             if row_step is None or row_step <= step:
                 kept.append(line + "\n")
         atomic_write_text(path, "".join(kept))
