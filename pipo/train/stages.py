@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from pipo.errors import PIPOError
-from pipo.jsonl import atomic_write_text
+from pipo.jsonl import atomic_write_text, drop_partial_last_line, numbered_lines
 from pipo.provenance import add_file_stats
 from pipo.train.merge import merge_adapter
 from pipo.train.settings import TrainSettings, check_field_types
@@ -310,18 +310,15 @@ def drop_log_rows_after(out: Path, step: int) -> None:
     for path in (out / name for name in STEP_LOGS):
         if not path.is_file():
             continue
-        # "\n" only: ms-swift writes JSON with ensure_ascii=False, so rows may hold U+2028 or \x85 (splitlines cuts there)
-        lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line]
+        drop_partial_last_line(path)
         kept = []
-        for i, line in enumerate(lines):
+        for _, line in numbered_lines(path):  # "\n" only: ms-swift's rows may hold U+2028 or \x85 (ensure_ascii=False)
             try:
                 row_step = _row_step(json.loads(line))
             except json.JSONDecodeError:
-                if i == len(lines) - 1:
-                    continue  # the half-written last line of a kill
                 row_step = None  # not ours to judge: kept as it is
             if row_step is None or row_step <= step:
-                kept.append(line + "\n")
+                kept.append(line)
         atomic_write_text(path, "".join(kept))
 
 
