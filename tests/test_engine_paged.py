@@ -279,3 +279,41 @@ def test_recurrent_launch_config_is_timed_once_per_shape_and_never_while_capturi
     assert kernels._launch_config(None, shape, shape, torch.bfloat16) == (32, 4)
     assert kernels._launch_config(None, other, other, torch.bfloat16) == kernels.LAUNCH_CONFIGS[0]
     assert timed == [shape]
+
+
+@pytest.mark.parametrize("method", ["regular", "pipo"])
+def test_prompts_prefill_ahead_of_free_slots_together(qwen_regular, pipo_model, method):
+    """With every decode slot taken, the next waiting prompts are prefilled ahead, several per forward, and left
+    in the prefix cache; their samples start from it without a forward of their own. Outputs stay exact."""
+    prompts = [[5 + 7 * i + j for j in range(3 + i % 4)] for i in range(8)]
+    if method == "pipo":
+        model = pipo_model("qwen3_5")
+        expected = [generate_pipo_reference(model, p, NEW, GREEDY, 0.5, EOS).raw_ids for p in prompts]
+    else:
+        model = qwen_regular[0]
+        expected = [generate_regular_reference(qwen_regular[1], p, NEW, GREEDY, EOS).token_ids for p in prompts]
+    engine = Engine(model, method, eos_token_ids=EOS, block_size=4, max_seq_len=40, max_batch_size=2,
+                    prefill_chunk=8, prefill_rows=3, max_prefill_tokens=24)
+    out = engine.generate(prompts, GREEDY, max_new_tokens=NEW, n=2)
+    ids = [[c.raw_ids if method == "pipo" else c.token_ids for c in row] for row in out]
+    assert ids == [[e, e] for e in expected]
+    assert engine.metrics["prefills_ahead"] >= 3
+    assert engine.metrics["prefill_forwards"] < len(prompts)  # each prompt prefilled once, several per forward
+    assert engine.metrics["preemptions"] == 0
+    check_no_leaks(engine)
+
+
+def test_prefills_ahead_give_way_to_running_sequences(qwen_regular):
+    """Prompts prefilled ahead hold pool blocks only while running sequences do not need them: a pool that
+    cannot keep them evicts them (their samples then prefill on admission) or drops a job, never preempting
+    for them; outputs stay exact and nothing leaks."""
+    path, model, _ = qwen_regular
+    prompts = [[5 + 7 * i + j for j in range(3 + i % 4)] for i in range(6)]
+    expected = [generate_regular_reference(model, p, 24, GREEDY, EOS).token_ids for p in prompts]
+    engine = Engine(path, "regular", eos_token_ids=EOS, block_size=4, max_seq_len=40, max_batch_size=2,
+                    prefill_chunk=8, prefill_rows=2, max_prefill_tokens=16, num_blocks=16)
+    out = engine.generate(prompts, GREEDY, max_new_tokens=24, n=2)
+    assert [[c.token_ids for c in row] for row in out] == [[e, e] for e in expected]
+    assert engine.metrics["prefills_ahead"] > 0 and engine.prefix_cache.evicted > 0
+    assert engine.metrics["preemptions"] == 0
+    check_no_leaks(engine)

@@ -83,6 +83,7 @@ class PrefixCache:
         self.capacity = capacity
         self.entries: OrderedDict[tuple[int, ...], CachedPrompt] = OrderedDict()
         self.lookups = 0
+        self.evicted = 0  # entries dropped because the pool ran out of blocks
         self.hit_blocks = 0
         self.looked_blocks = 0
 
@@ -127,6 +128,7 @@ class PrefixCache:
                 if only_idle and self.entries[key].waiting > 0:
                     continue
                 self.pool.release(self.entries.pop(key).blocks)
+                self.evicted += 1
 
     def clear(self) -> None:
         self.evict(self.pool.num_blocks)

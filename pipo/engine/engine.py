@@ -10,7 +10,10 @@ Scheduling, once per `step()`:
 1. admit waiting sequences (first come, first served) while a decode slot, a prefill row and
    the blocks of their prompt are free; a prompt whose prefix is cached shares its blocks;
    the `n` samples of a prompt wait for the first one's prefill and start on its cached state in the
-   step that finishes it;
+   step that finishes it; while every decode slot is taken and few queued samples have their prompt
+   cached, the next waiting prompts are prefilled ahead into free prefill rows and left in the prefix
+   cache, several per forward (a prefill forward costs about the same host time for one prompt as for
+   four), so the samples that take freed slots later start without a forward of their own;
 2. prefill chunks of admitted prompts in one forward (several prompts, padded to the longest
    chunk) under a per-step token budget (`max_prefill_tokens`), in rows of their own, so running
    sequences keep decoding while long prompts come in;
@@ -155,7 +158,7 @@ class Engine:
             else eos_token_ids_of(path, self.parts.text_config, self.tokenizer)
         )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.prefill_rows = prefill_chunk, prefill_rows
         self.max_prefill_tokens = max_prefill_tokens or prefill_chunk
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         compile_layers = self.device.type == "cuda" if compile_layers is None else compile_layers
@@ -184,7 +187,8 @@ class Engine:
         self.firsts: list[Launched] = []  # first tokens sampled this step, emitted with the step in flight
         self.admitted = 0
         self.mode = SamplingMode()
-        self.metrics = Counter()  # steps, preemptions, running_sum, running_max, prefill_tokens/_forwards/_rows_max
+        self.metrics = Counter()  # steps, preemptions, running_sum, running_max, prefill_tokens/_forwards/_rows_max,
+        # prefills_ahead(_dropped)
         self.touched: list[Sequence] = []  # sequences the current step moved
         self.oom_streak = 0
 
@@ -329,6 +333,7 @@ class Engine:
         self.touched = []
         try:
             self._admit()
+            self._prefill_ahead()
             self.touched += self._prefill()
             launched = None
             if self.running:
@@ -412,7 +417,8 @@ class Engine:
         return len(seq.feed) // self.decoder.unit_width - seq.prefilled
 
     def _start(self, seq: Sequence) -> bool:
-        """Take a decode slot, a prefill row and the blocks of the sequence's feed (sharing a cached prefix)."""
+        """Take a decode slot (none for a prefill ahead), a prefill row and the blocks of the sequence's feed
+        (sharing a cached prefix). A prefill ahead evicts nothing and leaves a block per running sequence free."""
         w, bs = self.decoder.unit_width, self.decoder.block_size
         total = len(seq.feed) // w
         hit = self.prefix_cache.lookup(seq.feed, w, bs)
@@ -421,18 +427,26 @@ class Engine:
         need = -(-total // bs) - len(shared)
         if hit is not None:
             self.pool.share(hit.blocks)  # pin the entry's blocks while eviction runs
-        if self.pool.available < need:
+        if seq.ahead:
+            need += len(self.running)
+        elif self.pool.available < need:
             self.prefix_cache.evict(need)
         if self.pool.available < need:
             if hit is not None:
                 self.pool.release(hit.blocks)
             return False
+        if seq.ahead:
+            need -= len(self.running)
         fresh = self.pool.take(need)
         self.prefix_cache.count(seq.feed, hit, w, bs)
-        seq.slot, seq.row = heapq.heappop(self.free_slots), heapq.heappop(self.free_rows)
+        seq.row = heapq.heappop(self.free_rows)
         seq.order = self.admitted = self.admitted + 1
-        seq.start()
-        if not seq.raw:
+        if seq.ahead:
+            self.metrics["prefills_ahead"] += 1
+        else:
+            seq.slot = heapq.heappop(self.free_slots)
+            seq.start()
+        if not seq.raw and not seq.ahead:
             self.queued_prompts[seq.units] -= 1
         self.decoder.reset(seq.row, seq.tokens)
         self.decoder.set_row(seq.row, seq.params, seq.seed)
@@ -442,7 +456,7 @@ class Engine:
                 self.decoder.copy_block(hit.blocks[-1], fresh[0])  # copy-on-write of the partial block
             self.decoder.load_state(seq.row, hit.state, hit.length)
             self.pool.release([b for b in hit.blocks if b not in shared])
-            if hit.units == seq.feed and not seq.raw:
+            if hit.units == seq.feed and not seq.raw and not seq.ahead:
                 hit.waiting -= 1
         seq.prefilled = hit.length if hit is not None else 0
         self._write_table(seq.row, 0, seq.blocks)
@@ -471,20 +485,23 @@ class Engine:
                                   for s, take in chunks if take])
             self.metrics["prefill_forwards"] += 1
             self.metrics["prefill_rows_max"] = max(self.metrics["prefill_rows_max"], rows)
-        started = []
+        started, prompts = [], set()  # prompts: fresh ones this forward finished (now cached)
         for seq, take in chunks:
             seq.prefilled += take
             self.metrics["prefill_tokens"] += take
             if seq.prefilled < len(seq.feed) // self.decoder.unit_width:
                 continue
-            seq.stats.forward_passes += int(take > 0)
-            self._to_decode(seq)
+            if take and not seq.raw:
+                prompts.add(seq.feed)
+            if seq.ahead:
+                self._park(seq)
+                continue
+            self._to_decode(seq, prefilled=take > 0)
             started.append(seq)
-        prompts = {s.feed for s in started if not s.raw and s.stats.forward_passes}
         if prompts:  # the samples that waited for these prompts start on their cached state now, not a step later
             self._admit(only=prompts)
-            for seq in [s for s in self.prefilling if not self._unprefilled(s)]:
-                self._to_decode(seq)
+            for seq in [s for s in self.prefilling if not s.ahead and not self._unprefilled(s)]:
+                self._to_decode(seq, prefilled=False)
                 started.append(seq)
         if started:  # the first token(s) of every prompt this step finished, in one batched call
             self._set_mode()
@@ -492,6 +509,40 @@ class Engine:
             if launched is not None:
                 self.firsts.append(launched)
         return started
+
+    def _prefill_ahead(self) -> None:
+        """While every decode slot is taken and fewer than `prefill_rows` queued samples have their prompt cached
+        (or being prefilled ahead), start prefill jobs for the next waiting prompts in the free prefill rows:
+        `_prefill` runs them together in one forward and `_park` leaves each prompt in the prefix cache. Only
+        fresh prompts that fit one chunk go ahead (a long prompt is prefilled when its sample gets a slot)."""
+        if self.free_slots or not self.free_rows:
+            return
+        ahead = {s.feed for s in self.prefilling if s.ahead}
+        ready = sum(e.waiting for e in self.prefix_cache.entries.values()) + sum(
+            self.queued_prompts[units] for units in ahead)
+        if ready >= self.prefill_rows:
+            return
+        busy = {s.feed for s in self.prefilling}
+        width = self.decoder.unit_width
+        for seq in self.waiting:
+            if not self.free_rows:
+                break
+            if (seq.raw or seq.feed in busy or seq.feed in self.prefix_cache.entries
+                    or len(seq.feed) // width > self.prefill_chunk):
+                continue
+            job = seq.prefill_job()
+            if not self._start(job):
+                break
+            busy.add(job.feed)
+
+    def _park(self, job: Sequence) -> None:
+        """A finished prefill ahead: its prompt goes into the prefix cache; its row and blocks are freed."""
+        self.prefilling.remove(job)
+        self._cache_prompt(job)
+        self.decoder.tables[job.row].zero_()
+        heapq.heappush(self.free_rows, job.row)
+        self.pool.release(job.blocks)
+        job.blocks, job.row = [], -1
 
     def _cache_prompt(self, seq: Sequence) -> None:
         """Keep a prefilled prompt's state: its full blocks shared, its partial block copied (needs one block)."""
@@ -514,11 +565,14 @@ class Engine:
         self.prefix_cache.store(CachedPrompt(seq.feed, blocks, length, self.decoder.save_state(seq.row),
                                              waiting=self.queued_prompts[seq.units]))
 
-    def _to_decode(self, seq: Sequence) -> None:
-        """Cache a prompt it prefilled (not one the cache served whole) and move the sequence from its prefill row
-        to its decode slot (`_prefill` samples its first token(s))."""
+    def _to_decode(self, seq: Sequence, prefilled: bool) -> None:
+        """Cache a prompt it prefilled (`prefilled`: a forward finished it; else the cache served it whole) and move
+        the sequence from its prefill row to its decode slot (`_prefill` samples its first token(s)). A fresh
+        sample's prefill counts one forward pass whoever ran it (as in the reference generators); a resumed
+        sequence's prefill counts one more."""
         self.prefilling.remove(seq)
-        if not seq.raw and seq.stats.forward_passes:
+        seq.stats.forward_passes += int(prefilled or not seq.raw)
+        if prefilled and not seq.raw:
             self._cache_prompt(seq)
         row, seq.row = seq.row, seq.slot
         self.decoder.move(row, seq.slot)
@@ -557,8 +611,12 @@ class Engine:
             seq.blocks += fresh
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free a sequence's blocks and rows and queue it first; it will prefill its prompt + tokens again."""
+        """Free a sequence's blocks and rows and queue it first; it will prefill its prompt + tokens again.
+        A prefill ahead is dropped instead (its prompt is prefilled when a sample of it starts)."""
         self._release(seq)
+        if seq.ahead:
+            self.metrics["prefills_ahead_dropped"] += 1
+            return
         seq.feed = seq.resume_feed(self.decoder.resumes_from_last_token)
         seq.prefilled = 0
         if not seq.raw:
@@ -572,7 +630,8 @@ class Engine:
             self.prefilling.remove(seq)
             self.decoder.tables[seq.row].zero_()
             heapq.heappush(self.free_rows, seq.row)
-            heapq.heappush(self.free_slots, seq.slot)
+            if seq.slot >= 0:
+                heapq.heappush(self.free_slots, seq.slot)
         elif self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
             self.decoder.tables[seq.slot].zero_()

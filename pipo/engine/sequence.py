@@ -86,6 +86,7 @@ class Sequence:
     feed: tuple[int, ...] = ()  # units to prefill: the prompt, or after a preemption prompt + emitted so far
     prefilled: int = 0  # backbone positions of `feed` in the cache
     order: int = 0  # admission counter: the newest admitted is preempted first
+    ahead: bool = False  # a prefill ahead of a free slot: its prompt is cached for the queued samples, never decoded
     reported: int = 0  # tokens already handed out by `Engine.step`
     closed: bool = False  # its last update was handed out
 
@@ -102,6 +103,12 @@ class Sequence:
         """What a preempted sequence prefills again: its prompt units and every slot it emitted (PADs included),
         but the last token when `hold_last` (the decoder continues from it as its next step's input)."""
         return self.units + tuple(self.raw[: len(self.raw) - 1] if hold_last and self.raw else self.raw)
+
+    def prefill_job(self) -> Sequence:
+        """A sequence that prefills this one's prompt ahead (`Engine._prefill_ahead`) and leaves it in the prefix cache."""
+        return Sequence(self.index, self.sample, self.prompt, self.units, self.budget, self.stop_ids,
+                        self.stop_strings, request_id=self.request_id, params=self.params, seed=self.seed,
+                        feed=self.units, ahead=True)
 
     def held_token(self) -> list[int]:
         """The emitted token a resumed sequence's feed leaves out ([] when none)."""
