@@ -216,15 +216,19 @@ def test_max_seq_len_beyond_the_models_positions_is_refused(qwen_regular):
         Engine(qwen_regular[0], "regular", max_seq_len=8193, num_blocks=5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="triton is not installed, or a GPU runs it (tests/test_gpu.py)")
+# Triton kernels run on CPU tensors under Triton's interpreter, which conftest switches on where there is no GPU
+TRITON_ON_CPU = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="triton is not installed, or a GPU runs it (tests/test_gpu.py)")
+
+
+@TRITON_ON_CPU
 @pytest.mark.parametrize(
     ("steps", "group", "block_size", "sms"),
     [(2, 2, 16, 4), (1, 4, 64, 1), (4, 1, 32, 64)],  # eagle-like / one query, 2 tiles per block / many splits
 )
 def test_paged_triton_kernel_matches_sdpa(steps, group, block_size, sms):
-    """The paged split-K kernel against SDPA over the gathered blocks (on CPU under Triton's interpreter, which
-    conftest switches on where there is no GPU)."""
+    """The paged split-K kernel against SDPA over the gathered blocks."""
     from pipo.engine import flash_decode
 
     device = "cpu"
@@ -263,22 +267,68 @@ def test_counter_based_draws_keep_the_laws():
         assert (freq - law).abs().sum() / 2 < 0.01  # total variation; ~0.004 expected at this sample size
 
 
+@TRITON_ON_CPU
+@pytest.mark.parametrize(
+    ("dtype", "d", "block_v", "warps"),
+    [(torch.float32, 16, 8, 1), (torch.bfloat16, 32, 64, 4), (torch.float32, 24, 16, 2)],  # 2 tiles / 1 / ragged
+)
+def test_delta_decode_kernel_matches_torch(dtype, d, block_v, warps):
+    """The Triton decode step of the gated delta rule against the torch recurrent path, grouped value heads,
+    several tokens in a row, each updating the fp32 state in place."""
+    from pipo.engine import delta_decode, kernels
+
+    batch, heads, v_heads = 3, 2, 4
+    state = 0.1 * torch.randn(batch, v_heads, d, d)
+    expected_state = state.clone()
+    for _ in range(3):
+        q, k = torch.randn(2, batch, 1, heads, d, dtype=dtype)
+        v = torch.randn(batch, 1, v_heads, d, dtype=dtype)
+        g = -torch.nn.functional.softplus(torch.randn(batch, 1, v_heads))  # fp32 log decay, as the engine's
+        beta = torch.rand(batch, 1, v_heads, dtype=dtype)
+        out = delta_decode.decode_step(q, k, v, g, beta, state, state, block_v, warps)
+        expected = kernels.recurrent_delta_rule(q, k, v, g, beta, expected_state)
+        assert out.dtype == expected.dtype == dtype
+        rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the same fp32 sum, rounded apart by at most 1 ulp
+        torch.testing.assert_close(out.float(), expected.float(), atol=1e-5, rtol=rtol)
+        torch.testing.assert_close(state, expected_state, atol=1e-6, rtol=1e-5)
+    final = torch.zeros_like(state)
+    before = state.clone()
+    delta_decode.decode_step(q, k, v, g, beta, state, final, block_v, warps)
+    kernels.recurrent_delta_rule(q, k, v, g, beta, expected_state)
+    assert torch.equal(state, before)  # a separate final state leaves the initial one untouched
+    torch.testing.assert_close(final, expected_state, atol=1e-6, rtol=1e-5)
+
+
+def test_delta_decode_refuses_a_state_it_would_misread():
+    from pipo.engine import delta_decode
+
+    q = torch.zeros(2, 1, 1, 8)
+    v, gate = torch.zeros(2, 1, 2, 8), torch.zeros(2, 1, 2)
+    transposed = torch.zeros(2, 2, 8, 8).transpose(2, 3)
+    with pytest.raises(ValueError, match=r"initial state must be contiguous fp32 \(2, 2, 8, 8\)"):
+        delta_decode.decode_step(q, q, v, gate, gate, transposed, transposed, 8, 1)
+
+
 def test_recurrent_launch_config_is_timed_once_per_shape_and_never_while_capturing(monkeypatch):
-    """The delta-rule decode kernel's launch config: timed on first use of a shape, then cached; a shape first
-    seen inside a CUDA-graph capture (where timing is impossible) gets fla's default and stays untimed."""
+    """A recurrent kernel's launch config: timed on first use of a shape, then cached per kernel; a shape first
+    seen inside a CUDA-graph capture (where timing is impossible) gets the kernel's default and stays untimed."""
     from pipo.engine import kernels
 
     timed = []
     monkeypatch.setattr(kernels, "_CONFIGS", {})
-    monkeypatch.setattr(kernels, "_time_configs", lambda kernel, k, v, dtype: timed.append(k) or (32, 4))
+    monkeypatch.setattr(kernels, "_time_configs",
+                        lambda launch, configs, k, v, dtype: timed.append((configs, k)) or configs[-1])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    ours, theirs = ((64, 4), (32, 1)), kernels.LAUNCH_CONFIGS
     shape, other = (4, 1, 2, 8), (8, 1, 2, 8)
-    assert kernels._launch_config(None, shape, shape, torch.bfloat16) == (32, 4)
-    assert kernels._launch_config(None, shape, shape, torch.bfloat16) == (32, 4)
+    assert kernels._launch_config(None, ours, shape, shape, torch.bfloat16) == (32, 1)
+    assert kernels._launch_config(None, ours, shape, shape, torch.bfloat16) == (32, 1)
+    assert kernels._launch_config(None, theirs, shape, shape, torch.bfloat16) == theirs[-1]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert kernels._launch_config(None, shape, shape, torch.bfloat16) == (32, 4)
-    assert kernels._launch_config(None, other, other, torch.bfloat16) == kernels.LAUNCH_CONFIGS[0]
-    assert timed == [shape]
+    assert kernels._launch_config(None, ours, shape, shape, torch.bfloat16) == (32, 1)
+    assert kernels._launch_config(None, ours, other, other, torch.bfloat16) == (64, 4)
+    assert kernels._launch_config(None, theirs, other, other, torch.bfloat16) == theirs[0]
+    assert timed == [(ours, shape), (theirs, shape)]
 
 
 @pytest.mark.parametrize("method", ["regular", "pipo"])

@@ -2,7 +2,7 @@
 
 The Triton flash-decode kernel against SDPA at real head sizes in bf16, CUDA-graph decoding
 against eager decoding on the same GPU (regular and PIPO, greedy and sampled), and
-flash-linear-attention's gated delta rule against the PyTorch path the CPU runs.
+flash-linear-attention's gated delta rule and our decode-step kernel against the PyTorch path the CPU runs.
 """
 from __future__ import annotations
 
@@ -103,3 +103,31 @@ def test_fla_chunk_delta_rule_matches_torch():
     expected = kernels.chunk_delta_rule(*(t.to("cpu", copy=True) for t in (q, k, v, g, beta)), ref_state)
     torch.testing.assert_close(out.float().cpu(), expected.float(), atol=3e-2, rtol=3e-2, msg="fla chunk output")
     torch.testing.assert_close(state.cpu(), ref_state, atol=5e-3, rtol=5e-3, msg="fla chunk final state")
+
+
+def test_delta_decode_kernel_matches_fla_and_torch(monkeypatch):
+    """The decode step's Triton kernel (what `recurrent_delta_rule` runs for one token per row on a GPU) at the
+    real shape, 256 rows: against the PyTorch path on CPU, with every launch config, and against fla's kernel."""
+    from pipo.engine import delta_decode, kernels
+
+    monkeypatch.setattr(kernels, "_CONFIGS", {})
+    torch.manual_seed(0)
+    q, k, v, g, beta, state = _delta_inputs(256, 1, 16, 32, 128, 128)
+    g = g.float()  # the engine's log decay is fp32
+    cpu = [t.to("cpu", copy=True) for t in (q, k, v, g, beta)]
+    initial, ref_state = state.clone(), state.to("cpu", copy=True)
+    out = kernels.recurrent_delta_rule(q, k, v, g, beta, state)
+    assert any(key[0] == delta_decode.CONFIGS for key in kernels._CONFIGS), "the decode step did not run our kernel"
+    expected = kernels.recurrent_delta_rule(*cpu, ref_state)  # PyTorch
+    torch.testing.assert_close(out.float().cpu(), expected.float(), atol=2e-2, rtol=2e-2, msg="output vs torch")
+    torch.testing.assert_close(state.cpu(), ref_state, atol=2e-3, rtol=2e-3, msg="state vs torch")
+    for config in delta_decode.CONFIGS:
+        final = torch.empty_like(state)
+        got = delta_decode.decode_step(q, k, v, g, beta, initial, final, *config)
+        torch.testing.assert_close(got, out, msg=f"output, config {config}")  # bf16 tolerance: sums may reorder
+        torch.testing.assert_close(final, state, atol=1e-5, rtol=1e-5, msg=f"state, config {config}")
+    if kernels.fla_ops() is not None:
+        fla_state = initial.clone()
+        fla_out = kernels._fla_recurrent(kernels.fla_ops()[1], q, k, v, g, beta, fla_state, fla_state)
+        torch.testing.assert_close(out.float(), fla_out.float(), atol=1e-2, rtol=1e-2, msg="output vs fla")
+        torch.testing.assert_close(state, fla_state, atol=1e-5, rtol=1e-5, msg="state vs fla")

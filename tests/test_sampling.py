@@ -20,6 +20,7 @@ from pipo.model.sampling import (
     sample,
     sample_logits,
     sample_rows,
+    top_k,
 )
 
 BASE = [0.4, 0.3, 0.15, 0.1, 0.05]  # logits are log(BASE), so softmax(logits) == BASE
@@ -167,3 +168,28 @@ def test_top_k_rows_race_over_their_candidates_only():
         fast = sample_rows(logits, rows, mode, noise)
         assert fast.tolist() == sample_rows(logits, rows, whole, noise).tolist()
         assert fast[2] == logits[2].argmax() and fast[5] == logits[5].argmax()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("width", "group"), [(4096, 32), (1000, 32), (777, 8)])  # whole groups / ragged tails
+def test_group_prefiltered_top_k_equals_torch_topk(dtype, width, group):
+    """`top_k`'s group-max prefilter (forced on CPU here; the default runs it on CUDA) returns torch.topk's values,
+    sorted, with distinct ids holding them: random rows, rows of many ties, rows mostly -inf (banned / masked)
+    down to fewer finite values than k; k up to 64."""
+    torch.manual_seed(0)
+    rows = torch.randn(6, width)
+    ties = torch.randint(0, 4, (6, width)).float()
+    masked = rows.masked_fill(torch.rand(6, width) < 0.9, float("-inf"))
+    masked[0, 10:] = float("-inf")  # 10 finite values: fewer than k
+    masked[1] = float("-inf")
+    masked[1, width - 1] = 0.0  # the one finite value sits in the ragged tail (when there is one)
+    for z in (rows, ties, masked):
+        z = z.to(dtype)
+        for k in (1, 5, 32, 64):
+            values, ids = top_k(z, k, group)
+            expected = torch.topk(z, k, dim=-1)
+            assert torch.equal(values, expected.values), (k, z)
+            assert torch.equal(z.gather(1, ids), values)
+            assert (ids.sort(-1).values.diff(dim=-1) > 0).all() and ids.max() < width
+            plain = top_k(z, k)  # the default on CPU: torch.topk itself, ids and all
+            assert torch.equal(plain[0], expected.values) and torch.equal(plain[1], expected.indices)

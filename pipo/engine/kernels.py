@@ -1,11 +1,13 @@
-"""Gated delta rule (Qwen3.5 linear attention) steps: flash-linear-attention's Triton kernels on GPU when installed, torch otherwise.
+"""Gated delta rule (Qwen3.5 linear attention) steps. On GPU: one decode token per row runs our Triton kernel
+(`delta_decode`), longer inputs flash-linear-attention's kernels when installed; torch otherwise (and on CPU).
 
-Both paths follow Hugging Face's reference semantics: q and k are L2-normalised in
+Every path follows Hugging Face's reference semantics: q and k are L2-normalised in
 fp32, q is scaled by 1/sqrt(d_k), and the recurrent state is fp32.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -14,8 +16,9 @@ import torch
 def fla_ops():
     """`(chunk, fused_recurrent kernel)` from flash-linear-attention, or None when it is not installed.
 
-    Decode launches fla's recurrent Triton kernel itself rather than through its wrapper,
-    so that the final state is written over the initial one: the wrapper allocates a new
+    Recurrent steps that fla runs (several tokens per row, or EAGLE's per-token states) launch
+    its kernel itself rather than through its wrapper, so that the final state is written over
+    the initial one (or into the next token's buffer): the wrapper allocates a new
     state, and copying it back costs a full extra read and write of every state.
     """
     try:
@@ -39,8 +42,9 @@ def _fla_recurrent(kernel, q, k, v, g, beta, initial: torch.Tensor, final: torch
     reads `initial` and writes `final` ([B, HV, Dk, Dv] fp32, contiguous; they may be the same tensor).
     The value-tile width and warps are the fastest of `LAUNCH_CONFIGS` for this shape."""
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
-    block_v, warps = _launch_config(kernel, tuple(k.shape), tuple(v.shape), q.dtype)
-    return _launch(kernel, q, k, v, g, beta, initial, final, block_v, warps)
+    launch = functools.partial(_launch, kernel)
+    block_v, warps = _launch_config(launch, LAUNCH_CONFIGS, tuple(k.shape), tuple(v.shape), q.dtype)
+    return launch(q, k, v, g, beta, initial, final, block_v, warps)
 
 
 def _launch(kernel, q, k, v, g, beta, initial, final, block_v: int, warps: int) -> torch.Tensor:
@@ -57,28 +61,33 @@ def _launch(kernel, q, k, v, g, beta, initial, final, block_v: int, warps: int) 
     return out
 
 
-# (value-tile width, warps) tried per shape: fla's own choice (8, 1) reads each state row in 32-byte
+# fla's (value-tile width, warps) tried per shape: fla's own choice (8, 1) reads each state row in 32-byte
 # pieces with one warp per program; wider tiles read whole 128-byte lines with more warps per program.
 LAUNCH_CONFIGS = ((8, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8))
 
 
-_CONFIGS: dict[tuple, tuple[int, int]] = {}  # (k shape, v shape, dtype) -> the fastest launch config
+_CONFIGS: dict[tuple, tuple[int, int]] = {}  # (configs, k shape, v shape, dtype) -> the fastest of those configs
+
+Launch = Callable[..., torch.Tensor]  # (q, k, v, g, beta, initial, final, block_v, warps) -> output
 
 
-def _launch_config(kernel, k_shape: tuple, v_shape: tuple, dtype: torch.dtype) -> tuple[int, int]:
-    """The fastest config for these shapes, timed on first use; fla's default while a CUDA graph is being
-    captured (timing is not capturable; the engine's warm-up runs every shape before its capture)."""
-    key = (k_shape, v_shape, dtype)
+def _launch_config(launch: Launch, configs: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype
+                   ) -> tuple[int, int]:
+    """The fastest of a kernel's `configs` for these shapes, timed on first use; `configs[0]` while a CUDA
+    graph is being captured (timing is not capturable; the engine's warm-up runs every shape before its
+    capture). Each kernel has its own `configs` tuple, which keys the cache."""
+    key = (configs, k_shape, v_shape, dtype)
     if key not in _CONFIGS:
         if torch.cuda.is_current_stream_capturing():
-            return LAUNCH_CONFIGS[0]
-        _CONFIGS[key] = _time_configs(kernel, k_shape, v_shape, dtype)
+            return configs[0]
+        _CONFIGS[key] = _time_configs(launch, configs, k_shape, v_shape, dtype)
     return _CONFIGS[key]
 
 
-def _time_configs(kernel, k_shape: tuple, v_shape: tuple, dtype: torch.dtype) -> tuple[int, int]:
+def _time_configs(launch: Launch, configs: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype
+                  ) -> tuple[int, int]:
     """Time each launch config on scratch tensors of these shapes (the decode state is a step's largest
-    traffic); the fastest wins."""
+    traffic, updated in place); the fastest wins."""
     from triton.testing import do_bench
 
     batch, steps, _, dk = k_shape
@@ -87,8 +96,8 @@ def _time_configs(kernel, k_shape: tuple, v_shape: tuple, dtype: torch.dtype) ->
     g = -torch.rand(batch, steps, v_shape[2], device="cuda")
     beta = torch.rand(batch, steps, v_shape[2], device="cuda", dtype=dtype)
     state = torch.randn(batch, v_shape[2], dk, v_shape[3], device="cuda")
-    times = {config: do_bench(lambda c=config: _launch(kernel, q, k, v, g, beta, state, state, *c), warmup=5, rep=20)
-             for config in LAUNCH_CONFIGS}
+    times = {config: do_bench(lambda c=config: launch(q, k, v, g, beta, state, state, *c), warmup=5, rep=20)
+             for config in configs}
     return min(times, key=times.get)
 
 
@@ -118,6 +127,13 @@ def recurrent_delta_rule(
     (EAGLE verification rolls back to the last accepted one); on GPU that is one fla
     launch per token, each reading the previous token's state.
     """
+    if steps_out is None and q.shape[1] == 1 and q.is_cuda:
+        from pipo.engine import delta_decode  # here, not at the top: importing Triton costs ~1 s
+
+        if delta_decode.available(q):
+            config = _launch_config(delta_decode.decode_step, delta_decode.CONFIGS, tuple(k.shape), tuple(v.shape),
+                                    q.dtype)
+            return delta_decode.decode_step(q, k, v, g, beta, state, state, *config)
     ops = _use_fla(q)
     if ops is not None:
         if steps_out is None:

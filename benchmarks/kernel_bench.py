@@ -1,0 +1,117 @@
+"""Kernel micro-benchmark (issue 8): the decode step's gated delta rule and the sampler's top-k at 256 rows.
+
+Gated delta rule, one decode token per row (default Qwen3.5-4B's linear attention: 16 key / 32 value heads of
+128 x 128; bf16 q/k/v, fp32 state updated in place): a copy of the state (its bytes read and written once,
+the floor), flash-linear-attention's fused recurrent kernel at its timed launch config (when installed), and
+our kernel (`pipo/engine/delta_decode.py`) at its timed config and at every config it tries.
+Top-k over bf16 logits [rows, vocab] (default 256 x 248,320, k = 32): torch.topk, `sampling.top_k`'s group
+prefilter at a few group sizes (its values checked equal to torch.topk's), and argmax (one read: the floor).
+Times from `triton.testing.do_bench` (median, L2 flushed). Run on a GPU, a few seconds:
+`python benchmarks/kernel_bench.py [--out kernels.json]`; prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+
+import torch
+from triton.testing import do_bench
+
+from pipo.engine import delta_decode, kernels
+from pipo.model.sampling import TOP_K_GROUP, top_k
+
+
+def micros(fn) -> float:
+    return do_bench(fn, warmup=10, rep=50) * 1e3
+
+
+def delta_rule(rows: int, heads: int, v_heads: int, d: int) -> dict:
+    """us per decode step of each delta-rule kernel, and the state copy's."""
+    q, k = torch.randn(2, rows, 1, heads, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(rows, 1, v_heads, d, device="cuda", dtype=torch.bfloat16)
+    g = -torch.rand(rows, 1, v_heads, device="cuda")
+    beta = torch.rand(rows, 1, v_heads, device="cuda", dtype=torch.bfloat16)
+    state = 0.1 * torch.randn(rows, v_heads, d, d, device="cuda")
+    copy = torch.empty_like(state)
+    shapes = (tuple(k.shape), tuple(v.shape), q.dtype)
+    ours = kernels._launch_config(delta_decode.decode_step, delta_decode.CONFIGS, *shapes)
+    result = {"state_bytes_rw": 2 * state.numel() * 4, "copy_us": micros(lambda: copy.copy_(state)),
+              "ours_config": list(ours),
+              "ours_us": micros(lambda: delta_decode.decode_step(q, k, v, g, beta, state, state, *ours)),
+              "ours_us_by_config": {f"{bv}x{w}": micros(lambda c=(bv, w): delta_decode.decode_step(
+                  q, k, v, g, beta, state, state, *c)) for bv, w in delta_decode.CONFIGS}}
+    ops = kernels.fla_ops()
+    if ops is not None:
+        launch = functools.partial(kernels._launch, ops[1])
+        fla = kernels._launch_config(launch, kernels.LAUNCH_CONFIGS, *shapes)
+        result["fla_config"] = list(fla)
+        result["fla_us"] = micros(lambda: launch(q, k, v, g, beta, state, state, *fla))
+    return result
+
+
+def topk(rows: int, vocab: int, k: int, groups: list[int]) -> dict:
+    """us of torch.topk, `top_k` per group size, and argmax over bf16 logits; whether `top_k`'s values match."""
+    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    expected = torch.topk(logits, k, dim=-1).values
+    result = {"logit_bytes": logits.numel() * 2, "argmax_us": micros(lambda: logits.argmax(-1)),
+              "torch_topk_us": micros(lambda: torch.topk(logits, k, dim=-1)), "top_k_us_by_group": {},
+              "top_k_values_equal": True}
+    for group in groups:
+        result["top_k_us_by_group"][group] = micros(lambda g=group: top_k(logits, k, g))
+        result["top_k_values_equal"] &= torch.equal(top_k(logits, k, group)[0], expected)
+    result["top_k_us"] = result["top_k_us_by_group"].get(TOP_K_GROUP) or micros(lambda: top_k(logits, k))
+    return result
+
+
+def rate(nbytes: int, us: float) -> str:
+    return f"{us:8.1f} us  {nbytes / us / 1e6:5.2f} TB/s"
+
+
+def report(delta: dict, tops: dict) -> None:
+    """The table: each time with its bytes rate, and the ratios to the floors."""
+    state_bytes, logit_bytes = delta["state_bytes_rw"], tops["logit_bytes"]
+    print(f"delta rule  state copy (floor)        {rate(state_bytes, delta['copy_us'])}")
+    if "fla_us" in delta:
+        print(f"delta rule  fla {delta['fla_config']!s:21} {rate(state_bytes, delta['fla_us'])}  "
+              f"{delta['fla_us'] / delta['copy_us']:.3f}x floor")
+    print(f"delta rule  ours {delta['ours_config']!s:20} {rate(state_bytes, delta['ours_us'])}  "
+          f"{delta['ours_us'] / delta['copy_us']:.3f}x floor"
+          + (f", {delta['fla_us'] / delta['ours_us']:.3f}x faster than fla" if "fla_us" in delta else ""))
+    for config, us in delta["ours_us_by_config"].items():
+        print(f"            ours {config:20} {rate(state_bytes, us)}")
+    print(f"top-k       argmax (floor)            {rate(logit_bytes, tops['argmax_us'])}")
+    print(f"top-k       torch.topk                {rate(logit_bytes, tops['torch_topk_us'])}  "
+          f"{tops['torch_topk_us'] / tops['argmax_us']:.2f}x argmax")
+    for group, us in tops["top_k_us_by_group"].items():
+        print(f"top-k       top_k group {group:<13} {rate(logit_bytes, us)}  {us / tops['argmax_us']:.2f}x argmax, "
+              f"{tops['torch_topk_us'] / us:.2f}x faster than torch.topk")
+    print(f"top-k       values equal torch.topk's: {tops['top_k_values_equal']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=16, help="key heads of the linear attention")
+    parser.add_argument("--v-heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=248320)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--groups", default="16,32,64,128", help="group sizes of top_k's prefilter to time")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    delta = delta_rule(args.rows, args.heads, args.v_heads, args.head_dim)
+    tops = topk(args.rows, args.vocab, args.k, [int(g) for g in args.groups.split(",")])
+    report(delta, tops)
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "args": vars(args), "delta_rule": delta, "top_k": tops}
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
