@@ -128,6 +128,7 @@ def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int,
         "decode_ms_per_step": timers["step"].total_ms() / steps, "prefill_ms": timers["prefill"].total_ms(),
         "first_ms": timers["first"].total_ms(), "prefill_forwards": engine.metrics["prefill_forwards"],
         "prefill_tokens": engine.metrics["prefill_tokens"], "prefill_rows_max": engine.metrics["prefill_rows_max"],
+        "prefills_ahead": engine.metrics["prefills_ahead"], "prefix_evictions": engine.prefix_cache.evicted,
     }
     row["share_of_bound"] = row["tok_s"] / row["bound_tok_s"]
     for request in list(engine.requests):

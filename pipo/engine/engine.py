@@ -513,8 +513,9 @@ class Engine:
     def _prefill_ahead(self) -> None:
         """While every decode slot is taken and fewer than `prefill_rows` queued samples have their prompt cached
         (or being prefilled ahead), start prefill jobs for the next waiting prompts in the free prefill rows:
-        `_prefill` runs them together in one forward and `_park` leaves each prompt in the prefix cache. Only
-        fresh prompts that fit one chunk go ahead (a long prompt is prefilled when its sample gets a slot)."""
+        `_prefill` runs them together in one forward and `_park` leaves each prompt in the prefix cache. The queue
+        is taken in order up to the first prompt longer than one chunk (that one is prefilled when its sample
+        gets a slot), so a step never scans more than a few entries of a long queue."""
         if self.free_slots or not self.free_rows:
             return
         ahead = {s.feed for s in self.prefilling if s.ahead}
@@ -527,8 +528,9 @@ class Engine:
         for seq in self.waiting:
             if not self.free_rows:
                 break
-            if (seq.raw or seq.feed in busy or seq.feed in self.prefix_cache.entries
-                    or len(seq.feed) // width > self.prefill_chunk):
+            if len(seq.feed) // width > self.prefill_chunk:
+                break
+            if seq.raw or seq.feed in busy or seq.feed in self.prefix_cache.entries:
                 continue
             job = seq.prefill_job()
             if not self._start(job):
