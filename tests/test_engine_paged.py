@@ -248,6 +248,36 @@ def test_paged_triton_kernel_matches_sdpa(steps, group, block_size, sms):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_prefill_attention_matches_masked_sdpa(kv_heads):
+    """Row-by-row prefill attention (no mask, one row's keys at a time) against SDPA with an explicit mask over
+    each row's gathered blocks: rows that start their sequence, rows after cached keys (mid-block, at a block
+    boundary), different lengths padded to one width, 4 query heads over fewer K/V heads."""
+    from pipo.engine.stack import Spans, prefill_attention
+
+    torch.manual_seed(0)
+    heads, d, bs, width = 4, 8, 4, 6
+    starts, counts = (0, 5, 8, 0), (6, 3, 6, 2)
+    pool_k, pool_v = torch.randn(2, 12, kv_heads, bs, d).unbind(0)  # keys before `starts` are what the pool holds
+    tables = torch.tensor([[3, 7, 0, 0], [5, 2, 0, 0], [1, 4, 6, 11], [8, 0, 0, 0]])
+    q = torch.randn(4, width, heads, d).transpose(1, 2)  # the layout attention_inputs yields
+    k, v = torch.randn(2, 4, width, kv_heads, d).transpose(2, 3).unbind(0)
+    positions = torch.tensor(starts)[:, None] + torch.arange(width)
+    valid = torch.arange(width)[None] < torch.tensor(counts)[:, None]
+    blocks = tables.gather(1, positions // bs) * valid  # padding writes to the sink block 0, as in _attention
+    pool_k[blocks, :, positions % bs] = k.transpose(1, 2)
+    pool_v[blocks, :, positions % bs] = v.transpose(1, 2)
+    out = prefill_attention(q, k, v, pool_k, pool_v, tables, Spans(starts, counts, torch.tensor(counts)), d**-0.5)
+    for i, (start, count) in enumerate(zip(starts, counts)):
+        keys = pool_k[tables[i]].transpose(0, 1).reshape(kv_heads, -1, d).repeat_interleave(heads // kv_heads, 0)
+        values = pool_v[tables[i]].transpose(0, 1).reshape(kv_heads, -1, d).repeat_interleave(heads // kv_heads, 0)
+        mask = torch.arange(keys.shape[1])[None] <= positions[i, :count, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(q[i, :, :count], keys, values, attn_mask=mask,
+                                                                    scale=d**-0.5)
+        torch.testing.assert_close(out[i, :, :count], expected, atol=1e-5, rtol=1e-5)
+        assert not out[i, :, count:].any()  # padding
+
+
 def test_counter_based_draws_keep_the_laws():
     """Counter-based noise: the race samples p, and speculative acceptance with it emits tokens distributed as p."""
     from pipo.engine import speculative_accept

@@ -26,7 +26,7 @@ from pipo.engine.graphs import GraphedFn, Launched, launch
 from pipo.engine.options import ENGINE_DEFAULTS
 from pipo.engine.parts import ModelParts
 from pipo.engine.sequence import Sequence
-from pipo.engine.stack import PagedStack
+from pipo.engine.stack import PagedStack, Spans
 from pipo.model.sampling import (
     RowParams,
     SamplingMode,
@@ -53,7 +53,6 @@ class PrefillChunk(NamedTuple):
 class DecodeConfig:
     conf_threshold: float = ENGINE_DEFAULTS.conf_threshold  # pipo: keep token2 when sigmoid(confidence) >= this
     eagle_k: int = ENGINE_DEFAULTS.eagle_k  # eagle: tokens drafted per step
-    prefill_chunk: int = 2048  # backbone positions per prefill pass (bounds activation memory)
     compile_layers: bool = False  # torch.compile the layers' pure segments (GPU: fuses the small kernels)
     block_size: int = 32  # positions per KV block
     num_blocks: int = 0  # KV blocks in the pool (block 0 included)
@@ -171,10 +170,10 @@ class Decoder:
         hidden = self.backbone.forward(self.inputs(ids), rows, positions, kv_len, record=self.record_steps > 0)
         return hidden, self.lm(hidden)
 
-    def _mtp_hidden(self, rows: slice | torch.Tensor, kv_len: int, tokens: torch.Tensor, hidden: torch.Tensor,
-                    positions: torch.Tensor, recurrent: bool = True, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def _mtp_hidden(self, rows: slice | torch.Tensor, kv_len: int | None, tokens: torch.Tensor, hidden: torch.Tensor,
+                    positions: torch.Tensor, prefill: Spans | None = None) -> torch.Tensor:
         x = self.parts.mtp.fuse_inputs(self.embed(tokens), hidden)
-        return self.mtp.forward(x, rows, positions, kv_len, recurrent=recurrent, lengths=lengths)
+        return self.mtp.forward(x, rows, positions, kv_len, prefill=prefill)
 
     def _mtp_step(self, rows: slice, kv_len: int, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor):
         m = self._mtp_hidden(rows, kv_len, tokens, hidden, positions)
@@ -329,13 +328,12 @@ class Decoder:
         w, n = self.unit_width, len(chunks)
         width = max(c.hi - c.lo for c in chunks)
         rows = self.to_device([c.row for c in chunks])
-        lengths = self.to_device([c.hi - c.lo for c in chunks])
+        spans = self._spans([c.lo for c in chunks], [c.hi - c.lo for c in chunks])
         ids = self._padded([c.units[c.lo * w : c.hi * w] for c in chunks], width * w)
-        hidden = self.backbone.forward(self.inputs(ids), rows, self._span([c.lo for c in chunks], width),
-                                       max(c.hi for c in chunks), recurrent=False, lengths=lengths)
+        hidden = self.backbone.forward(self.inputs(ids), rows, self._positions(spans), prefill=spans)
         if self.mtp is not None:
             self._prefill_mtp(chunks, rows, hidden)
-        self.h_last[rows] = hidden[torch.arange(n, device=self.device), lengths - 1]
+        self.h_last[rows] = hidden[torch.arange(n, device=self.device), spans.lengths - 1]
         self.lengths[rows] = self.to_device([c.hi for c in chunks])
 
     def _prefill_mtp(self, chunks: list[PrefillChunk], rows: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -352,17 +350,21 @@ class Decoder:
         starts = self.to_device([0 if c.lo else 1 for c in chunks])
         index = (starts[:, None] + torch.arange(width, device=self.device)).clamp(max=hidden.shape[1])
         hs = with_last.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        self._mtp_hidden(rows, max(c.hi for c in chunks) - 1, gold, hs, self._span(firsts, width), recurrent=False,
-                         lengths=self.to_device(counts))
+        spans = self._spans(firsts, counts)
+        self._mtp_hidden(rows, None, gold, hs, self._positions(spans), prefill=spans)
 
     def _padded(self, seqs: list[tuple[int, ...]], width: int) -> torch.Tensor:
         """Token ids [n, width], each row padded on the right with id 0."""
         return self.to_device([list(s) + [0] * (width - len(s)) for s in seqs])
 
-    def _span(self, starts: list[int], width: int) -> torch.Tensor:
-        """Positions [n, width] from each row's start (padding's positions clamped inside the table)."""
-        start = self.to_device(starts)[:, None]
-        return (start + torch.arange(width, device=self.device)).clamp(max=self.capacity - 1)
+    def _spans(self, starts: list[int], counts: list[int]) -> Spans:
+        """Prefill rows from position `starts[i]`, `counts[i]` real entries each (host ints, and on the device)."""
+        return Spans(tuple(starts), tuple(counts), self.to_device(counts))
+
+    def _positions(self, spans: Spans) -> torch.Tensor:
+        """Positions [n, longest count] from each row's start (padding's positions clamped inside the table)."""
+        start = self.to_device(list(spans.starts))[:, None]
+        return (start + torch.arange(max(spans.counts), device=self.device)).clamp(max=self.capacity - 1)
 
     def first_rows(self, seqs: dict[int, Sequence]) -> slice | torch.Tensor:
         """The rows of freshly prefilled slots (in `seqs` order, ascending): a range when contiguous (views, and

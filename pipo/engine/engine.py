@@ -109,6 +109,10 @@ class Engine:
     `max_seq_len` bounds one sequence (prompt + completion); `num_blocks` blocks of
     `block_size` positions hold every sequence's KV (default: on CUDA what
     `gpu_memory_utilization` of the device leaves, on CPU enough for every slot at `max_seq_len`).
+    Prompts prefill in chunks of up to `prefill_chunk` positions, up to `prefill_rows` in one forward
+    of up to `max_prefill_tokens` tokens (padded); the budget defaults to `prefill_rows` full chunks
+    (4 x 2048), so several prompts share a forward: one 1.4K-token prompt is host-bound on a GPU, and
+    prefill attention holds no mask, so a larger forward costs only its activations.
     """
 
     def __init__(
@@ -159,17 +163,17 @@ class Engine:
         )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.prefill_chunk, self.prefill_rows = prefill_chunk, prefill_rows
-        self.max_prefill_tokens = max_prefill_tokens or prefill_chunk
+        self.max_prefill_tokens = max_prefill_tokens or prefill_rows * prefill_chunk
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         compile_layers = self.device.type == "cuda" if compile_layers is None else compile_layers
         decoder_cls = DECODERS[method]
-        config = DecodeConfig(conf_threshold, eagle_k, prefill_chunk, compile_layers, block_size, 2)
+        config = DecodeConfig(conf_threshold, eagle_k, compile_layers, block_size, 2)
         probe = decoder_cls.capacity_probe(max_seq_len, config)
         self.blocks_per_seq = -(-probe // block_size)
         rows = max_batch_size + prefill_rows
         self.num_blocks = self._size_pool(num_blocks, rows, gpu_memory_utilization, eagle_k, block_size,
                                           max_batch_size)
-        config = DecodeConfig(conf_threshold, eagle_k, prefill_chunk, compile_layers, block_size, self.num_blocks)
+        config = DecodeConfig(conf_threshold, eagle_k, compile_layers, block_size, self.num_blocks)
         self.decoder = decoder_cls(self.parts, rows, max_seq_len, config, graphs)
         self.buckets = batch_buckets(max_batch_size)
         if graphs:
@@ -222,7 +226,7 @@ class Engine:
         total = torch.cuda.get_device_properties(self.device).total_memory
         weights = torch.cuda.memory_allocated(self.device)
         states = rows * slot_state_bytes(self.parts, self.method, eagle_k, self.dtype)
-        reserve = self.workspace_bytes(max_batch_size, rows - max_batch_size)
+        reserve = self.workspace_bytes(max_batch_size)
         budget = utilization * total - weights - states - reserve
         if budget < one_seq * per_block:
             raise PIPOError(
@@ -233,10 +237,15 @@ class Engine:
                 "gpu_memory_utilization)")
         return int(budget // per_block)
 
-    def workspace_bytes(self, max_batch_size: int, prefill_rows: int) -> int:
-        """Memory kept out of the KV pool: activations of a prefill forward (including each prefill row's
-        gathered KV and the attention mask over `max_seq_len`), decode-step logits and sampling buffers,
-        graphs; an estimate."""
+    def workspace_bytes(self, max_batch_size: int) -> int:
+        """Memory kept out of the KV pool, an estimate: activations of a prefill forward of `max_prefill_tokens`,
+        its attention (one row's keys and values of one layer gathered at a time, up to `max_seq_len`; the
+        output of the whole forward), decode-step logits and sampling buffers, graphs.
+
+        Activations count 4x one layer's live tensors per token (MLP gate, up and product, a few hidden-size
+        ones): 2.5 GB at 8192 tokens of a Qwen3.5-4B shape, with fla's chunk states (~0.3 GB) inside. Prefill
+        attention takes no mask, so it grows with neither rows x tokens x keys nor `max_seq_len` x tokens.
+        """
         cfg = self.parts.text_config
         size = torch.empty((), dtype=self.dtype).element_size()
         chunk, length = max(self.prefill_chunk, self.max_prefill_tokens), self.max_seq_len
@@ -244,7 +253,9 @@ class Engine:
         kv_heads = getattr(cfg, "num_key_value_heads", heads)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         activations = chunk * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4 * size
-        attention = prefill_rows * 2 * kv_heads * length * head_dim * size * 2 + chunk * heads * length * (1 + 2 * size)
+        # K and V of a row, gathered from the blocks and made contiguous (2 copies); q, the per-row and whole
+        # outputs, and a grouped-query copy of the chunk's own K/V where a kernel makes one
+        attention = 2 * 2 * kv_heads * length * head_dim * size + 4 * chunk * heads * head_dim * size
         sampling = max_batch_size * cfg.vocab_size * 4 * 8
         return int(activations + attention + sampling + GiB)
 

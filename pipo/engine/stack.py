@@ -15,18 +15,22 @@ Rows of a decode step are a contiguous range of slots (`rows: slice`), so every
 buffer access is a view and a decode step over slots `[0, B)` can be graph-captured;
 first-token calls over slots that are not contiguous name them by an index tensor (run
 eagerly). A batched prefill names its rows by an index tensor and pads its prompts' chunks on the
-right (`lengths`): padded tokens write their keys to the sink block 0 and leave the
-linear-attention states as they are (decay 0 and beta 0 make the delta rule an identity).
+right (`Spans`): padded tokens write their keys to the sink block 0 and leave the
+linear-attention states as they are (decay 0 and beta 0 make the delta rule an identity). Its
+attention runs row by row without a mask (`prefill_attention`), so on CUDA SDPA can pick the flash
+or memory-efficient kernel and only one row's keys are gathered at a time.
 """
 from __future__ import annotations
 
 import functools
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from pipo.engine import kernels
 
@@ -48,6 +52,19 @@ class LayerState:
     rec: torch.Tensor | None = None
     step_conv: torch.Tensor | None = None  # [steps, slots, C, K-1]: per-token states of the last forward
     step_rec: torch.Tensor | None = None  # [steps, slots, HV, Dk, Dv]
+
+
+class Spans(NamedTuple):
+    """The rows of a prefill forward: row i holds positions `starts[i] .. starts[i] + counts[i] - 1` of its
+    sequence, padded on the right to the forward's width.
+
+    `starts` and `counts` are host ints (the scheduler built the chunks), so the per-row attention
+    shapes cost no device-to-host sync; `lengths` is `counts` on the device (padding masks).
+    """
+
+    starts: tuple[int, ...]
+    counts: tuple[int, ...]
+    lengths: torch.Tensor
 
 
 def _is_linear(layer: nn.Module) -> bool:
@@ -145,6 +162,59 @@ def compiled_segments() -> tuple:
     return tuple(torch.compile(fn, dynamic=None) for fn in SEGMENTS)
 
 
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pool_k: torch.Tensor,
+    pool_v: torch.Tensor,
+    tables: torch.Tensor,
+    spans: Spans,
+    scale: float,
+) -> torch.Tensor:
+    """Prefill attention, row by row: q [B, Hq, T, D] of new keys/values k, v [B, Hkv, T, D], already written
+    to the pools at their positions through the rows' block `tables` [B, max_blocks] -> [B, Hq, T, D].
+
+    Row i's `counts[i]` queries attend causally over its positions 0 .. `starts[i] + counts[i]` - 1:
+    a row that starts its sequence needs only the chunk's own keys; a later chunk (or a prompt
+    after a cached prefix) reads its earlier keys from its blocks, one row's at a time. Padding's
+    outputs are zeros.
+    """
+    out = torch.zeros_like(q)
+    kv_heads, bs, d = pool_k.shape[1:]
+    for i, (start, count) in enumerate(zip(spans.starts, spans.counts)):
+        if count == 0:
+            continue
+        end = start + count
+        if start == 0:
+            keys, values = k[i, :, :count], v[i, :, :count]
+        else:
+            used = tables[i, : -(-end // bs)]
+            keys = pool_k[used].transpose(0, 1).reshape(kv_heads, -1, d)[:, :end]
+            values = pool_v[used].transpose(0, 1).reshape(kv_heads, -1, d)[:, :end]
+        out[i, :, :count] = causal_attention(q[i, :, :count], keys, values, scale)
+    return out
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Queries q [Hq, n, D] at the last n of the L positions of k, v [Hkv, L, D] (Hkv divides Hq) -> [Hq, n, D]:
+    query j sees keys 0 .. L - n + j. No mask tensor on CUDA, so SDPA may use the flash or memory-efficient kernel.
+    """
+    heads, n, d = q.shape
+    kv_heads, length = k.shape[:2]
+    if n == length:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
+                                              enable_gqa=True)[0]
+    # `causal_lower_right` calls the flash or memory-efficient kernel itself, past SDPA's handling of fewer K/V
+    # heads: each KV head's query group becomes a batch row over that head's K/V, expanded (a view, not a copy)
+    group = heads // kv_heads
+    out = F.scaled_dot_product_attention(
+        q.view(kv_heads, group, n, d), k[:, None].expand(-1, group, -1, -1), v[:, None].expand(-1, group, -1, -1),
+        attn_mask=causal_lower_right(n, length), scale=scale,
+    )
+    return out.reshape(heads, n, d)
+
+
 def kv_bytes_per_block(layers, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes over the full-attention layers of `layers` (K and V)."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -203,20 +273,20 @@ class PagedStack:
         rows: slice | torch.Tensor,
         positions: torch.Tensor,
         kv_len: int | None = None,
-        recurrent: bool = True,
         record: bool = False,
-        lengths: torch.Tensor | None = None,
+        prefill: Spans | None = None,
     ) -> torch.Tensor:
         """Input embeddings `x` [B, T, H] at `positions` [B, T] of slots `rows` -> normed hidden [B, T, H].
 
-        `kv_len` bounds the keys attended where SDPA runs (a whole number of blocks is read;
-        the Triton decode kernel reads each row's filled blocks whatever it is).
-        `recurrent` runs the gated delta rule token by token (decode); otherwise chunked
-        (prefill). `record` keeps every token's linear-attention state so that `commit`
-        can roll back to an accepted prefix. `lengths` [B]: each row's real tokens, the rest
-        padding (a batched prefill; `rows` may then be an index tensor).
+        Decode steps (`prefill` None) run the gated delta rule token by token; `kv_len` bounds
+        the keys attended where their batched SDPA runs (a whole number of blocks is read; the
+        Triton decode kernel reads each row's filled blocks whatever it is). `record` keeps every
+        token's linear-attention state so that `commit` can roll back to an accepted prefix.
+        A prefill forward (`rows` may then be an index tensor) runs the chunked delta rule and
+        attends row by row over each row's span.
         """
         kv_len = kv_len or self.tables.shape[1] * self.block_size
+        lengths = None if prefill is None else prefill.lengths
         valid = None if lengths is None else torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]
         if hasattr(self.rotary, "mrope_section"):  # Qwen3.5's multimodal rotary: text uses one position per axis
             cos, sin = self.rotary(x, positions[None].expand(3, -1, -1))
@@ -228,11 +298,11 @@ class PagedStack:
                 q, k, v, g, beta, z, window = linear_in(layer, x, state.conv[rows])
                 if valid is not None:  # padding: no decay, no update
                     g, beta = g * valid[..., None], beta * valid[..., None]
-                out = self._delta_rule(state, q, k, v, g, beta, window, rows, recurrent, record, lengths)
+                out = self._delta_rule(state, q, k, v, g, beta, window, rows, prefill is None, record, lengths)
                 x = linear_out(layer, x, out, z)
             else:
                 q, k, v, gate = attn_in(layer, x, cos, sin)
-                out = self._attention(layer.self_attn, state, q, k, v, rows, positions, kv_len, recurrent, valid)
+                out = self._attention(layer.self_attn, state, q, k, v, rows, positions, kv_len, prefill, valid)
                 x = attn_out(layer, x, out, gate)
         return self.norm(x)
 
@@ -246,13 +316,14 @@ class PagedStack:
         rows: slice | torch.Tensor,
         positions: torch.Tensor,
         kv_len: int,
-        decode: bool,
+        prefill: Spans | None = None,
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of the new tokens over the rows' paged caches (they are written first) -> [B, Hq, T, D].
 
-        Decode steps on GPU use the paged split-K Triton kernel; prefill and CPU gather the
-        rows' first `kv_len` positions of blocks and use SDPA with a mask. Padded tokens
+        Prefill attends row by row (`prefill_attention`). Decode steps on GPU use the paged
+        split-K Triton kernel; elsewhere (CPU, EAGLE's verification) they gather the rows'
+        first `kv_len` positions of blocks and use one batched SDPA with a mask. Padded tokens
         (`valid` False) write to the sink block 0.
         """
         batch, _, steps, d = q.shape
@@ -264,10 +335,12 @@ class PagedStack:
         offsets = positions % bs
         state.k[blocks, :, offsets] = k.transpose(1, 2).to(state.k.dtype)
         state.v[blocks, :, offsets] = v.transpose(1, 2).to(state.v.dtype)
+        if prefill is not None:
+            return prefill_attention(q, k, v, state.k, state.v, tables, prefill, attn.scaling)
         # grouped-query attention without repeating K/V: each KV head's query group becomes extra query rows
         kv_heads = state.k.shape[1]
         q = q.reshape(batch, kv_heads, -1, d)
-        if decode and q.is_cuda and flash_decode().available(q, bs):
+        if q.is_cuda and flash_decode().available(q, bs):
             out = flash_decode().paged_decode_attention(q, state.k, state.v, tables, positions, attn.scaling)
         else:
             used = tables[:, : -(-kv_len // bs)]
