@@ -181,19 +181,23 @@ def prefill_attention(
     outputs are zeros.
     """
     out = torch.zeros_like(q)
-    kv_heads, bs, d = pool_k.shape[1:]
     for i, (start, count) in enumerate(zip(spans.starts, spans.counts)):
         if count == 0:
             continue
-        end = start + count
         if start == 0:
             keys, values = k[i, :, :count], v[i, :, :count]
         else:
-            used = tables[i, : -(-end // bs)]
-            keys = pool_k[used].transpose(0, 1).reshape(kv_heads, -1, d)[:, :end]
-            values = pool_v[used].transpose(0, 1).reshape(kv_heads, -1, d)[:, :end]
+            keys, values = (_row_cache(pool, tables[i], start + count) for pool in (pool_k, pool_v))
         out[i, :, :count] = causal_attention(q[i, :, :count], keys, values, scale)
+        del keys, values  # one row's gathered keys at a time
     return out
+
+
+def _row_cache(pool: torch.Tensor, table: torch.Tensor, end: int) -> torch.Tensor:
+    """Positions 0..end-1 of one row's cache from `pool` [blocks, Hkv, block_size, D] through its `table` ->
+    [Hkv, end, D]."""
+    kv_heads, bs, d = pool.shape[1:]
+    return pool[table[: -(-end // bs)]].transpose(0, 1).reshape(kv_heads, -1, d)[:, :end]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
