@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=248320)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--groups", default="16,32,64,128", help="group sizes of top_k's prefilter to time")
+    parser.add_argument("--groups", default="32,64,128,256,512", help="group sizes of top_k's prefilter to time")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -296,7 +296,11 @@ class PagedStack:
             cos, sin = self.rotary(x, positions[None].expand(3, -1, -1))
         else:
             cos, sin = self.rotary(x, positions)
-        attn_in, attn_out, linear_in, linear_out = self.segments
+        # compiled segments only where a step's shape recurs (decode rows [0, B): captured into graphs once per
+        # bucket); prefill and index-row calls vary in rows and length, and each new shape would recompile
+        # for seconds, while eager segments cost the host about as much as compiled ones
+        graphed = prefill is None and isinstance(rows, slice)
+        attn_in, attn_out, linear_in, linear_out = self.segments if graphed else SEGMENTS
         for layer, state in zip(self.layers, self.states):
             if _is_linear(layer):
                 q, k, v, g, beta, z, window = linear_in(layer, x, state.conv[rows])
