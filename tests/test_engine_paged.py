@@ -267,7 +267,7 @@ def test_prefill_attention_matches_masked_sdpa(kv_heads):
     blocks = tables.gather(1, positions // bs) * valid  # padding writes to the sink block 0, as in _attention
     pool_k[blocks, :, positions % bs] = k.transpose(1, 2)
     pool_v[blocks, :, positions % bs] = v.transpose(1, 2)
-    out = prefill_attention(q, k, v, pool_k, pool_v, tables, Spans(starts, counts, torch.tensor(counts)), d**-0.5)
+    out = prefill_attention(q, k, v, pool_k, pool_v, tables, Spans(starts, counts, torch.tensor(counts), max(counts)), d**-0.5)
     for i, (start, count) in enumerate(zip(starts, counts)):
         keys = pool_k[tables[i]].transpose(0, 1).reshape(kv_heads, -1, d).repeat_interleave(heads // kv_heads, 0)
         values = pool_v[tables[i]].transpose(0, 1).reshape(kv_heads, -1, d).repeat_interleave(heads // kv_heads, 0)
@@ -396,4 +396,17 @@ def test_prefills_ahead_give_way_to_running_sequences(qwen_regular):
     assert [[c.token_ids for c in row] for row in out] == [[e, e] for e in expected]
     assert engine.metrics["prefills_ahead"] > 0 and engine.prefix_cache.evicted > 0
     assert engine.metrics["preemptions"] == 0
+    check_no_leaks(engine)
+
+
+@pytest.mark.parametrize("method", ["pipo", "eagle"])
+def test_warm_prefill_leaves_no_trace(qwen_regular, pipo_model, method):
+    """The warm-up prefill a CUDA engine runs at construction (every prefill row count once) changes no output."""
+    model = pipo_model("qwen3_5") if method == "pipo" else qwen_regular[0]
+    engine = tight_engine(model, method, **({"conf_threshold": 0.5} if method == "pipo" else {}))
+    expected = engine.generate(PROMPTS[:3], GREEDY, max_new_tokens=NEW)
+    engine.decoder.warm_prefill(list(range(engine.max_batch_size, engine.max_batch_size + TIGHT["prefill_rows"])))
+    engine.prefix_cache.clear()  # the prompts prefill again, in the warmed rows
+    again = engine.generate(PROMPTS[:3], GREEDY, max_new_tokens=NEW)
+    assert [c[0].raw_ids for c in again] == [c[0].raw_ids for c in expected]
     check_no_leaks(engine)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from pipo.engine.graphs import GraphedFn, Launched, launch
+from pipo.engine.graphs import GraphedFn, Launched, capturing, launch
 from pipo.engine.options import ENGINE_DEFAULTS
 from pipo.engine.parts import ModelParts
 from pipo.engine.sequence import Sequence
@@ -38,6 +38,11 @@ from pipo.model.sampling import (
     seed32,
     speculative_accept,
 )
+
+
+# On CUDA a prefill forward's length is padded to a multiple of this (fla's chunk size): Triton specialises
+# kernels on whether a length divides by 16, and a length of a new kind compiled (and autotuned) mid-run
+PREFILL_WIDTH_MULTIPLE = 64
 
 
 class PrefillChunk(NamedTuple):
@@ -99,8 +104,9 @@ class Decoder:
         self.row = RowParams(floats[0], torch.ones(slots, device=self.device),
                              torch.zeros(slots, dtype=torch.long, device=self.device), floats[1], floats[2])
         self.seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
-        # the noise is a dozen elementwise integer ops over [B, columns]: one fused kernel when compiled
-        self.row_uniforms_at = torch.compile(row_uniforms_at, dynamic=None) if config.compile_layers else row_uniforms_at
+        # the noise is a dozen elementwise integer ops over [B, columns]: one fused kernel when compiled (inside
+        # graph captures only, like the layers' segments: `graphs.capturing`)
+        self.compiled_uniforms = torch.compile(row_uniforms_at, dynamic=None) if config.compile_layers else None
         pool = torch.cuda.graph_pool_handle() if graphs else None
         self.backbone_step = GraphedFn(self._backbone_step, pool)
         self.mtp_step = GraphedFn(self._mtp_step, pool)
@@ -223,7 +229,8 @@ class Decoder:
     def noise(self, rows: slice, salt: int):
         """`columns [B or 1, n] -> uniforms [B, n]`: the rows' counter-based noise at those ids."""
         seeds, counters = self.seeds[rows], self.lengths[rows]
-        return lambda columns: self.row_uniforms_at(seeds, counters, salt, columns)
+        draw = self.compiled_uniforms if self.compiled_uniforms is not None and capturing() else row_uniforms_at
+        return lambda columns: draw(seeds, counters, salt, columns)
 
     def probs(self, logits: torch.Tensor, rows: slice, seen: torch.Tensor, repeat: int = 1) -> torch.Tensor:
         """Processed distributions of logits [B * repeat, V] (each row's `repeat` entries consecutive)."""
@@ -326,10 +333,9 @@ class Decoder:
         entry hi-1 is written by `first` or the next chunk).
         """
         w, n = self.unit_width, len(chunks)
-        width = max(c.hi - c.lo for c in chunks)
         rows = self.to_device([c.row for c in chunks])
         spans = self._spans([c.lo for c in chunks], [c.hi - c.lo for c in chunks])
-        ids = self._padded([c.units[c.lo * w : c.hi * w] for c in chunks], width * w)
+        ids = self._padded([c.units[c.lo * w : c.hi * w] for c in chunks], spans.width * w)
         hidden = self.backbone.forward(self.inputs(ids), rows, self._positions(spans), prefill=spans)
         if self.mtp is not None:
             self._prefill_mtp(chunks, rows, hidden)
@@ -342,15 +348,14 @@ class Decoder:
         w = self.unit_width
         firsts = [max(c.lo - 1, 0) for c in chunks]
         counts = [c.hi - 1 - f for c, f in zip(chunks, firsts)]
-        width = max(counts)
-        if width <= 0:
+        if max(counts) <= 0:
             return
-        gold = self._padded([c.units[(f + 1) * w : c.hi * w : w] for c, f in zip(chunks, firsts)], width)
+        spans = self._spans(firsts, counts)
+        gold = self._padded([c.units[(f + 1) * w : c.hi * w : w] for c, f in zip(chunks, firsts)], spans.width)
         with_last = torch.cat([self.h_last[rows][:, None], hidden], dim=1)  # [n, 1 + T, H]
         starts = self.to_device([0 if c.lo else 1 for c in chunks])
-        index = (starts[:, None] + torch.arange(width, device=self.device)).clamp(max=hidden.shape[1])
+        index = (starts[:, None] + torch.arange(spans.width, device=self.device)).clamp(max=hidden.shape[1])
         hs = with_last.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        spans = self._spans(firsts, counts)
         self._mtp_hidden(rows, None, gold, hs, self._positions(spans), prefill=spans)
 
     def _padded(self, seqs: list[tuple[int, ...]], width: int) -> torch.Tensor:
@@ -358,13 +363,27 @@ class Decoder:
         return self.to_device([list(s) + [0] * (width - len(s)) for s in seqs])
 
     def _spans(self, starts: list[int], counts: list[int]) -> Spans:
-        """Prefill rows from position `starts[i]`, `counts[i]` real entries each (host ints, and on the device)."""
-        return Spans(tuple(starts), tuple(counts), self.to_device(counts))
+        """Prefill rows from position `starts[i]`, `counts[i]` real entries each (host ints, and on the device),
+        padded to the longest count, on CUDA rounded up to `PREFILL_WIDTH_MULTIPLE`."""
+        multiple = PREFILL_WIDTH_MULTIPLE if self.device.type == "cuda" else 1
+        width = -(-max(counts) // multiple) * multiple
+        return Spans(tuple(starts), tuple(counts), self.to_device(counts), width)
 
     def _positions(self, spans: Spans) -> torch.Tensor:
-        """Positions [n, longest count] from each row's start (padding's positions clamped inside the table)."""
+        """Positions [n, width] from each row's start (padding's positions clamped inside the table)."""
         start = self.to_device(list(spans.starts))[:, None]
-        return (start + torch.arange(max(spans.counts), device=self.device)).clamp(max=self.capacity - 1)
+        return (start + torch.arange(spans.width, device=self.device)).clamp(max=self.capacity - 1)
+
+    def warm_prefill(self, rows: list[int]) -> None:
+        """A short prefill forward over the first 1, 2, ... len(`rows`) prefill rows, before any request: kernels
+        that compile per shape class or autotune per row count (flash-linear-attention's chunked delta rule) do it
+        now rather than for seconds in the middle of a run. The rows' tables point at the sink block (their
+        writes land there) and their states are reset after."""
+        units = (0,) * (self.unit_width * PREFILL_WIDTH_MULTIPLE)
+        for n in range(1, len(rows) + 1):
+            self.prefill([PrefillChunk(row, units, 0, PREFILL_WIDTH_MULTIPLE) for row in rows[:n]])
+        for row in rows:
+            self.reset(row)
 
     def first_rows(self, seqs: dict[int, Sequence]) -> slice | torch.Tensor:
         """The rows of freshly prefilled slots (in `seqs` order, ascending): a range when contiguous (views, and

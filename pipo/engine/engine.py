@@ -178,6 +178,8 @@ class Engine:
         self.buckets = batch_buckets(max_batch_size)
         if graphs:
             self._capture()
+        if self.device.type == "cuda":
+            self.decoder.warm_prefill(list(range(max_batch_size, rows)))
         self.pool = BlockPool(self.num_blocks)
         self.prefix_cache = PrefixCache(self.pool, prefix_cache_size)
         self.free_slots = list(range(max_batch_size))

@@ -13,6 +13,17 @@ from dataclasses import dataclass
 import torch
 
 
+_CAPTURING = [False]
+
+
+def capturing() -> bool:
+    """True while a `GraphedFn` warms up or captures: the calls whose shapes recur, the only ones that run
+    torch.compile'd code. Other calls (prefill, first tokens, rows without a graph) vary in rows and length;
+    each new shape would recompile for seconds in the middle of a run, and eager code costs the host about
+    as much as a compiled region's guards."""
+    return _CAPTURING[0]
+
+
 class GraphedFn:
     """`fn(rows, kv_len, *tensors)`; replays a CUDA graph when one was captured for these rows and shapes."""
 
@@ -35,13 +46,17 @@ class GraphedFn:
         static = list(examples) if share else [t.clone() for t in examples]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: kernel selection and Triton autotuning stay out of the graph
-                self.fn(rows, kv_len, *static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(rows, kv_len, *static)
+        _CAPTURING[0] = True
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: compilation, kernel selection and Triton autotuning stay out of the graph
+                    self.fn(rows, kv_len, *static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.fn(rows, kv_len, *static)
+        finally:
+            _CAPTURING[0] = False
         self.graphs[self._key(rows, kv_len, static)] = (graph, static, out)
 
     def __call__(self, rows: slice | torch.Tensor, kv_len: int, *tensors: torch.Tensor):

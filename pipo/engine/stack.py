@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from pipo.engine import kernels
+from pipo.engine.graphs import capturing
 
 
 def flash_decode():
@@ -59,12 +60,14 @@ class Spans(NamedTuple):
     sequence, padded on the right to the forward's width.
 
     `starts` and `counts` are host ints (the scheduler built the chunks), so the per-row attention
-    shapes cost no device-to-host sync; `lengths` is `counts` on the device (padding masks).
+    shapes cost no device-to-host sync; `lengths` is `counts` on the device (padding masks); `width`
+    the padded length (at least the longest count).
     """
 
     starts: tuple[int, ...]
     counts: tuple[int, ...]
     lengths: torch.Tensor
+    width: int
 
 
 def _is_linear(layer: nn.Module) -> bool:
@@ -229,8 +232,8 @@ class PagedStack:
     """Decoder layers + final norm of one model part (the backbone, or the one-layer MTP head).
 
     `tables` [slots, max_blocks] maps each slot's positions to pool blocks; `compile` runs the
-    layers' pure segments through torch.compile (GPU); `record_steps` keeps per-token
-    linear-attention states for rollback (`commit`).
+    layers' pure segments through torch.compile inside CUDA-graph captures (`graphs.capturing`);
+    `record_steps` keeps per-token linear-attention states for rollback (`commit`).
     """
 
     def __init__(
@@ -296,11 +299,7 @@ class PagedStack:
             cos, sin = self.rotary(x, positions[None].expand(3, -1, -1))
         else:
             cos, sin = self.rotary(x, positions)
-        # compiled segments only where a step's shape recurs (decode rows [0, B): captured into graphs once per
-        # bucket); prefill and index-row calls vary in rows and length, and each new shape would recompile
-        # for seconds, while eager segments cost the host about as much as compiled ones
-        graphed = prefill is None and isinstance(rows, slice)
-        attn_in, attn_out, linear_in, linear_out = self.segments if graphed else SEGMENTS
+        attn_in, attn_out, linear_in, linear_out = self.segments if capturing() else SEGMENTS
         for layer, state in zip(self.layers, self.states):
             if _is_linear(layer):
                 q, k, v, g, beta, z, window = linear_in(layer, x, state.conv[rows])
