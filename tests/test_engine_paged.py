@@ -52,6 +52,7 @@ def test_regular_methods_exact_under_preemption(qwen_regular, method):
     else:
         expected = [generate_regular_reference(model, p, NEW, GREEDY, EOS).token_ids for p in PROMPTS]
     engine = tight_engine(path, method)
+    engine.decoder.prefill_multiple = 3  # prefill widths padded as on CUDA (there to multiples of 64)
     out = engine.generate(PROMPTS, GREEDY, max_new_tokens=NEW, n=2)
     assert [[c.token_ids for c in row] for row in out] == [[e, e] for e in expected]
     assert engine.metrics["preemptions"] > 0
@@ -67,6 +68,7 @@ def test_pipo_exact_under_preemption(pipo_model, tau):
         model.confidence_head.fc2.weight.normal_(0, 2.0)
     expected = [generate_pipo_reference(model, p, NEW, GREEDY, tau, EOS) for p in PROMPTS]
     engine = tight_engine(model, "pipo", spare=1, conf_threshold=tau)  # pairs: half the blocks
+    engine.decoder.prefill_multiple = 3  # prefill widths padded as on CUDA (there to multiples of 64)
     out = engine.generate(PROMPTS, GREEDY, max_new_tokens=NEW, n=2)
     assert [[c.raw_ids for c in row] for row in out] == [[r.raw_ids, r.raw_ids] for r in expected]
     assert engine.metrics["preemptions"] > 0

@@ -84,6 +84,7 @@ class Decoder:
         param = next(base.parameters())
         self.device = param.device
         self.capacity = self.capacity_probe(max_seq_len, config)
+        self.prefill_multiple = PREFILL_WIDTH_MULTIPLE if self.device.type == "cuda" else 1  # prefill width rounding
         self.block_size = config.block_size
         self.max_blocks = -(-self.capacity // self.block_size)
         self.tables = torch.zeros(slots, self.max_blocks, dtype=torch.long, device=self.device)
@@ -364,9 +365,8 @@ class Decoder:
 
     def _spans(self, starts: list[int], counts: list[int]) -> Spans:
         """Prefill rows from position `starts[i]`, `counts[i]` real entries each (host ints, and on the device),
-        padded to the longest count, on CUDA rounded up to `PREFILL_WIDTH_MULTIPLE`."""
-        multiple = PREFILL_WIDTH_MULTIPLE if self.device.type == "cuda" else 1
-        width = -(-max(counts) // multiple) * multiple
+        padded to the longest count rounded up to `prefill_multiple` (on CUDA `PREFILL_WIDTH_MULTIPLE`)."""
+        width = -(-max(counts) // self.prefill_multiple) * self.prefill_multiple
         return Spans(tuple(starts), tuple(counts), self.to_device(counts), width)
 
     def _positions(self, spans: Spans) -> torch.Tensor:
