@@ -193,8 +193,8 @@ class Engine:
         self.firsts: list[Launched] = []  # first tokens sampled this step, emitted with the step in flight
         self.admitted = 0
         self.mode = SamplingMode()
-        self.metrics = Counter()  # steps, preemptions, running_sum, running_max, prefill_tokens/_forwards/_rows_max,
-        # prefills_ahead(_dropped)
+        # steps, preemptions, running_sum, running_max, prefill_tokens/_forwards/_rows_max, prefills_ahead(_dropped)
+        self.metrics = Counter()
         self.touched: list[Sequence] = []  # sequences the current step moved
         self.oom_streak = 0
 
@@ -440,16 +440,13 @@ class Engine:
         need = -(-total // bs) - len(shared)
         if hit is not None:
             self.pool.share(hit.blocks)  # pin the entry's blocks while eviction runs
-        if seq.ahead:
-            need += len(self.running)
-        elif self.pool.available < need:
+        headroom = len(self.running) if seq.ahead else 0  # blocks the running sequences may soon ask for
+        if not seq.ahead and self.pool.available < need:
             self.prefix_cache.evict(need)
-        if self.pool.available < need:
+        if self.pool.available < need + headroom:
             if hit is not None:
                 self.pool.release(hit.blocks)
             return False
-        if seq.ahead:
-            need -= len(self.running)
         fresh = self.pool.take(need)
         self.prefix_cache.count(seq.feed, hit, w, bs)
         seq.row = heapq.heappop(self.free_rows)
