@@ -412,3 +412,23 @@ def test_warm_prefill_leaves_no_trace(qwen_regular, pipo_model, method):
     again = engine.generate(PROMPTS[:3], GREEDY, max_new_tokens=NEW)
     assert [c[0].raw_ids for c in again] == [c[0].raw_ids for c in expected]
     check_no_leaks(engine)
+
+
+def test_an_aborted_request_leaves_no_samples_waiting_on_its_cached_prompt(qwen_regular):
+    """Aborting samples that wait for their cached prompt lowers its waiting count, so the entry becomes idle and
+    prefills ahead, which count the samples the cache holds, go on for the next requests."""
+    path, model, _ = qwen_regular
+    engine = Engine(path, "regular", eos_token_ids=EOS, block_size=4, max_seq_len=40, max_batch_size=1,
+                    prefill_chunk=8, prefill_rows=2, prefix_cache_size=0)
+    engine.add_request("a", PROMPTS[0], GREEDY, max_new_tokens=NEW, n=3)
+    engine.step()  # sample 0 prefills and runs; its prompt is cached for samples 1 and 2
+    entry = engine.prefix_cache.entries[tuple(PROMPTS[0])]
+    assert entry.waiting == 2
+    engine.abort("a")
+    assert entry.waiting == 0
+    prompts = [[5 + 7 * i + j for j in range(3 + i % 4)] for i in range(4)]
+    out = engine.generate(prompts, GREEDY, max_new_tokens=NEW)
+    assert [c[0].token_ids for c in out] == [generate_regular_reference(model, p, NEW, GREEDY, EOS).token_ids
+                                             for p in prompts]
+    assert engine.metrics["prefills_ahead"] > 0
+    check_no_leaks(engine)

@@ -18,6 +18,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,11 +90,18 @@ def executed(output: str) -> list[tuple[str, str]]:
             re.findall(r"^(?:local)?rule (\w+):\n(?:    (?!wildcards).*\n)*(?:    wildcards: (.*))?", output, re.MULTILINE)]
 
 
-def sacct_states() -> dict[str, tuple[str, str]]:
-    """SLURM job id -> (state, allocated TRES) from accounting."""
-    rows = subprocess.run(["sacct", "-X", "-n", "--parsable2", "--format=JobIdRaw,State,AllocTRES"],
-                          capture_output=True, text=True, check=True).stdout.splitlines()
-    return {jobid: (state.split()[0], tres) for jobid, state, tres in (row.split("|") for row in rows)}  # "CANCELLED by 0"
+def sacct_states(wanted: Iterable[str] = (), timeout: float = 60.0) -> dict[str, tuple[str, str]]:
+    """SLURM job id -> (state, allocated TRES) from accounting, once it lists every `wanted` job id (or `timeout`
+    passed): slurmctld hands job records to slurmdbd asynchronously, and on a loaded machine the first job's
+    record lagged the end of the run (CI, 2026-12-02)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = subprocess.run(["sacct", "-X", "-n", "--parsable2", "--format=JobIdRaw,State,AllocTRES"],
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+        states = {jobid: (state.split()[0], tres) for jobid, state, tres in (row.split("|") for row in rows)}
+        if set(wanted) <= set(states) or time.monotonic() > deadline:  # state "CANCELLED by 0": its first word
+            return states
+        time.sleep(1)
 
 
 def kill_sft_after_first_checkpoint(workdir: Path, run: subprocess.Popen) -> int:
@@ -140,7 +148,8 @@ def demo_dag_with_accounting(workdir: Path) -> None:
                 run.wait()
         assert "slurm profile: accounting answers: job states by sacct, account pipo" in output
         assert "invalid option" not in output  # no account guess: the profile named the account
-        jobs, states = submitted(output), sacct_states()
+        jobs = submitted(output)
+        states = sacct_states(jobs)
         assert set(jobs.values()) >= {"sft", "merge", "opd", "generate", "score", "report"} and set(jobs) <= set(states)
         assert [states[j][0] for j, rule in jobs.items() if rule == "sft"] == ["FAILED", "COMPLETED"]
         assert all(state == "COMPLETED" for j, (state, _) in states.items() if jobs.get(j) != "sft")

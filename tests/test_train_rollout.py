@@ -105,7 +105,8 @@ def test_one_engine_across_steps_decodes_the_updated_weights(pipo_model, monkeyp
 
     The updates are what trainers do between rollouts: in place on shared tensors (a base
     weight), in place on tensors the engine keeps its own copy of (fp64 LoRA weights, decoded
-    in fp32), and a parameter rebound to new storage.
+    in fp32), and a parameter rebound to new storage. A prompt cached by the first step (it was
+    repeated) must not serve the second: its KV and states are the old weights'.
     """
     student = lora_student(pipo_model, "qwen3_5").base_model.model
     for name, param in student.named_parameters():
@@ -121,8 +122,10 @@ def test_one_engine_across_steps_decodes_the_updated_weights(pipo_model, monkeyp
     monkeypatch.setattr(student_rollout, "Engine", CountedEngine)
     engine = student_rollout.RolloutEngine()
 
+    batch = [PROMPTS[1], PROMPTS[1], PROMPTS[2]]  # a repeated prompt leaves a prefix-cache entry behind
+
     def step(model):
-        return rollouts(partial(student_rollout.generate_rollouts, engine=engine), model, prompts=PROMPTS[1:3])
+        return rollouts(partial(student_rollout.generate_rollouts, engine=engine), model, prompts=batch)
 
     first = step(student.train())
     first_engine = engine.engine
@@ -136,7 +139,7 @@ def test_one_engine_across_steps_decodes_the_updated_weights(pipo_model, monkeyp
     second = step(student)
     assert engine.builds == 1 and engine.engine is first_engine and len(built) == 1
     assert student.training and q_proj.dtype == torch.float32
-    fresh = rollouts(student_rollout.generate_rollouts, student, prompts=PROMPTS[1:3])  # a one-off engine on the same weights
+    fresh = rollouts(student_rollout.generate_rollouts, student, prompts=batch)  # a one-off engine on the same weights
     assert len(built) == 2
     assert [r.raw_ids for r in second] == [r.raw_ids for r in fresh]
     assert [r.raw_ids for r in second] != [r.raw_ids for r in first]

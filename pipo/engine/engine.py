@@ -105,7 +105,7 @@ class Engine:
     `model` is a checkpoint folder (PIPO or regular), or a loaded `PIPOForCausalLM` /
     causal LM (then pass `mtp_head` for mtp/eagle and `tokenizer` for text prompts).
     Loaded models are moved to `device`/`dtype` in place. On CUDA, decode steps are
-    graph-captured (`cuda_graphs`) and the layers' small ops compiled (`compile_layers`).
+    graph-captured (`cuda_graphs`) and the layers' small ops compiled inside the graphs (`compile_layers`).
     `max_seq_len` bounds one sequence (prompt + completion); `num_blocks` blocks of
     `block_size` positions hold every sequence's KV (default: on CUDA what
     `gpu_memory_utilization` of the device leaves, on CPU enough for every slot at `max_seq_len`).
@@ -179,7 +179,7 @@ class Engine:
         if graphs:
             self._capture()
         if self.device.type == "cuda":
-            self.decoder.warm_prefill(list(range(max_batch_size, rows)))
+            self._warm_prefill(list(range(max_batch_size, rows)))
         self.pool = BlockPool(self.num_blocks)
         self.prefix_cache = PrefixCache(self.pool, prefix_cache_size)
         self.free_slots = list(range(max_batch_size))
@@ -273,6 +273,16 @@ class Engine:
                 f"{self.max_batch_size}): lower gpu_memory_utilization or max_batch_size ({str(error)[:200]})"
             ) from None
 
+    def _warm_prefill(self, rows: list[int]) -> None:
+        """`Decoder.warm_prefill`; an OOM is reported with the numbers, like one while capturing."""
+        try:
+            self.decoder.warm_prefill(rows)
+        except torch.OutOfMemoryError as error:
+            torch.cuda.empty_cache()
+            raise PIPOError(
+                f"out of GPU memory in a warm-up prefill over {len(rows)} rows ({self.num_blocks} KV blocks): lower "
+                f"gpu_memory_utilization, prefill_rows or max_prefill_tokens ({str(error)[:200]})") from None
+
     # ---------------------------------------------------------------- prompts
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids as given; text or chat messages through the tokenizer's chat template."""
@@ -339,6 +349,9 @@ class Engine:
                 self.waiting.remove(seq)
                 if seq.slot < 0 and not seq.raw:
                     self.queued_prompts[seq.units] -= 1
+                    entry = self.prefix_cache.entries.get(seq.units)
+                    if entry is not None and entry.waiting > 0:  # it no longer waits for the cached prompt
+                        entry.waiting -= 1
             self._release(seq)
 
     def step(self) -> list[Update]:
@@ -431,7 +444,7 @@ class Engine:
 
     def _start(self, seq: Sequence) -> bool:
         """Take a decode slot (none for a prefill ahead), a prefill row and the blocks of the sequence's feed
-        (sharing a cached prefix). A prefill ahead evicts nothing and leaves a block per running sequence free."""
+        (sharing a cached prefix). A prefill ahead evicts nothing and leaves blocks free for the running sequences."""
         w, bs = self.decoder.unit_width, self.decoder.block_size
         total = len(seq.feed) // w
         hit = self.prefix_cache.lookup(seq.feed, w, bs)
@@ -440,7 +453,8 @@ class Engine:
         need = -(-total // bs) - len(shared)
         if hit is not None:
             self.pool.share(hit.blocks)  # pin the entry's blocks while eviction runs
-        headroom = len(self.running) if seq.ahead else 0  # blocks the running sequences may soon ask for
+        # a prefill ahead leaves what the running sequences may soon ask for: a block each, and an eighth of the pool
+        headroom = max(len(self.running), self.pool.capacity // 8) if seq.ahead else 0
         if not seq.ahead and self.pool.available < need:
             self.prefix_cache.evict(need)
         if self.pool.available < need + headroom:
@@ -529,8 +543,7 @@ class Engine:
         if self.free_slots or not self.free_rows:
             return
         ahead = {s.feed for s in self.prefilling if s.ahead}
-        ready = sum(e.waiting for e in self.prefix_cache.entries.values()) + sum(
-            self.queued_prompts[units] for units in ahead)
+        ready = sum(self.queued_prompts[units] for units in {*self.prefix_cache.entries, *ahead})
         if ready >= self.prefill_rows:
             return
         busy = {s.feed for s in self.prefilling}
@@ -616,7 +629,8 @@ class Engine:
                     self._release(seq)
                 self.touched += finished
                 continue
-            self._preempt(max([*self.running.values(), *self.prefilling], key=lambda s: s.order))
+            # a prefill ahead first, else the most recently admitted sequence
+            self._preempt(max([*self.running.values(), *self.prefilling], key=lambda s: (s.ahead, s.order)))
         for seq, need in wants:
             fresh = self.pool.take(need)
             self._write_table(seq.slot, len(seq.blocks), fresh)
@@ -720,6 +734,7 @@ class Engine:
             self.abort(seq.request_id)
         self.waiting.clear()
         self.queued_prompts.clear()
+        self.prefix_cache.clear()
         raise PIPOError(f"out of device memory twice in a row ({str(error)[:200]}): lower "
                         "gpu_memory_utilization, prefill_chunk or max_seq_len")
 

@@ -73,9 +73,11 @@ Launch = Callable[..., torch.Tensor]  # (q, k, v, g, beta, initial, final, block
 
 def _launch_config(launch: Launch, configs: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype
                    ) -> tuple[int, int]:
-    """The fastest of a kernel's `configs` for these shapes, timed on first use; `configs[0]` while a CUDA
-    graph is being captured (timing is not capturable; the engine's warm-up runs every shape before its
-    capture). Each kernel has its own `configs` tuple, which keys the cache."""
+    """The fastest of a kernel's `configs` for these shapes (the batch rounded up to a power of two), timed on
+    first use; `configs[0]` while a CUDA graph is being captured (timing is not capturable; the engine's
+    warm-up runs every shape before its capture). Each kernel has its own `configs` tuple, which keys the cache."""
+    rows = _pow2(k_shape[0])  # per power-of-two batch (the graphs' buckets): calls of other sizes time nothing
+    k_shape, v_shape = (rows, *k_shape[1:]), (rows, *v_shape[1:])
     key = (configs, k_shape, v_shape, dtype)
     if key not in _CONFIGS:
         if torch.cuda.is_current_stream_capturing():

@@ -168,6 +168,7 @@ class RolloutEngine:
         with tensors_restored(model):
             self._bind(model, weight.dtype, weight.device)
             engine = self._engine_for(model, len(prompts), need, key)
+            engine.prefix_cache.clear()  # cached prompts hold the previous weights' KV and linear states
             completions = engine.generate([list(p) for p in prompts], params, max_new_tokens=max_new_tokens, seed=seed)
         return [Rollout(c.token_ids, c.raw_ids, c.finish_reason == "eos") for (c,) in completions]
 
