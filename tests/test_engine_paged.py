@@ -29,6 +29,11 @@ def qwen_regular(backbone_dir):
     return path, model.float(), mtp.float()
 
 
+def distinct_prompts(count: int) -> list[list[int]]:
+    """`count` prompts of 3-6 tokens, none a prefix of another (each prefills on its own)."""
+    return [[5 + 7 * i + j for j in range(3 + i % 4)] for i in range(count)]
+
+
 def tight_engine(model, method, spare: int = 4, **kw) -> Engine:
     """An engine whose pool holds one sequence of max_seq_len and `spare` blocks more: sequences get preempted."""
     probe = Engine(model, method, eos_token_ids=EOS, num_blocks=64, **TIGHT, **kw)
@@ -367,7 +372,7 @@ def test_recurrent_launch_config_is_timed_once_per_shape_and_never_while_capturi
 def test_prompts_prefill_ahead_of_free_slots_together(qwen_regular, pipo_model, method):
     """With every decode slot taken, the next waiting prompts are prefilled ahead, several per forward, and left
     in the prefix cache; their samples start from it without a forward of their own. Outputs stay exact."""
-    prompts = [[5 + 7 * i + j for j in range(3 + i % 4)] for i in range(8)]
+    prompts = distinct_prompts(8)
     if method == "pipo":
         model = pipo_model("qwen3_5")
         expected = [generate_pipo_reference(model, p, NEW, GREEDY, 0.5, EOS).raw_ids for p in prompts]
@@ -390,7 +395,7 @@ def test_prefills_ahead_give_way_to_running_sequences(qwen_regular):
     cannot keep them evicts them (their samples then prefill on admission) or drops a job, never preempting
     for them; outputs stay exact and nothing leaks."""
     path, model, _ = qwen_regular
-    prompts = [[5 + 7 * i + j for j in range(3 + i % 4)] for i in range(6)]
+    prompts = distinct_prompts(6)
     expected = [generate_regular_reference(model, p, 24, GREEDY, EOS).token_ids for p in prompts]
     engine = Engine(path, "regular", eos_token_ids=EOS, block_size=4, max_seq_len=40, max_batch_size=2,
                     prefill_chunk=8, prefill_rows=2, max_prefill_tokens=16, num_blocks=16)
@@ -426,7 +431,7 @@ def test_an_aborted_request_leaves_no_samples_waiting_on_its_cached_prompt(qwen_
     assert entry.waiting == 2
     engine.abort("a")
     assert entry.waiting == 0
-    prompts = [[5 + 7 * i + j for j in range(3 + i % 4)] for i in range(4)]
+    prompts = distinct_prompts(4)
     out = engine.generate(prompts, GREEDY, max_new_tokens=NEW)
     assert [c[0].token_ids for c in out] == [generate_regular_reference(model, p, NEW, GREEDY, EOS).token_ids
                                              for p in prompts]

@@ -176,10 +176,8 @@ class Engine:
         config = DecodeConfig(conf_threshold, eagle_k, compile_layers, block_size, self.num_blocks)
         self.decoder = decoder_cls(self.parts, rows, max_seq_len, config, graphs)
         self.buckets = batch_buckets(max_batch_size)
-        if graphs:
-            self._capture()
-        if self.device.type == "cuda":
-            self._warm_prefill(list(range(max_batch_size, rows)))
+        # prefill rows warmed on CUDA only (what it prevents are mid-run Triton compilations and autotuning)
+        self._warm_up(graphs, list(range(max_batch_size, rows)) if self.device.type == "cuda" else [])
         self.pool = BlockPool(self.num_blocks)
         self.prefix_cache = PrefixCache(self.pool, prefix_cache_size)
         self.free_slots = list(range(max_batch_size))
@@ -261,27 +259,21 @@ class Engine:
         sampling = max_batch_size * cfg.vocab_size * 4 * 8
         return int(activations + attention + sampling + GiB)
 
-    def _capture(self) -> None:
-        """CUDA graphs per bucket; an OOM frees what was captured and is reported with the numbers."""
+    def _warm_up(self, graphs: bool, prefill_rows: list[int]) -> None:
+        """CUDA graphs per bucket (`graphs`), then one prefill forward per prefill row count, before any request;
+        an OOM frees what was captured and is reported with the numbers."""
         try:
-            self.decoder.capture(self.buckets)
+            if graphs:
+                self.decoder.capture(self.buckets)
+            self.decoder.warm_prefill(prefill_rows)
         except torch.OutOfMemoryError as error:
             self.decoder = None
             torch.cuda.empty_cache()
             raise PIPOError(
-                f"out of GPU memory while capturing CUDA graphs ({self.num_blocks} KV blocks, batch up to "
-                f"{self.max_batch_size}): lower gpu_memory_utilization or max_batch_size ({str(error)[:200]})"
+                f"out of GPU memory while capturing CUDA graphs or warming up prefill ({self.num_blocks} KV blocks, "
+                f"batch up to {self.max_batch_size}, {len(prefill_rows)} prefill rows): lower gpu_memory_utilization, "
+                f"max_batch_size or prefill_rows ({str(error)[:200]})"
             ) from None
-
-    def _warm_prefill(self, rows: list[int]) -> None:
-        """`Decoder.warm_prefill`; an OOM is reported with the numbers, like one while capturing."""
-        try:
-            self.decoder.warm_prefill(rows)
-        except torch.OutOfMemoryError as error:
-            torch.cuda.empty_cache()
-            raise PIPOError(
-                f"out of GPU memory in a warm-up prefill over {len(rows)} rows ({self.num_blocks} KV blocks): lower "
-                f"gpu_memory_utilization, prefill_rows or max_prefill_tokens ({str(error)[:200]})") from None
 
     # ---------------------------------------------------------------- prompts
     def encode(self, prompt: Prompt) -> list[int]:
