@@ -9,7 +9,9 @@ gated-delta-rule steps against preallocated buffers:
 - full attention: K/V pools `[num_blocks, kv_heads, block_size, head_dim]`; position p of the
   sequence in slot s lives in block `tables[s, p // block_size]` at offset `p % block_size`
   (`tables` is the engine's block-table tensor, shared by every stack);
-- Qwen3.5 linear attention: per slot, the last `kernel - 1` conv inputs and the fp32 recurrent state.
+- Qwen3.5 linear attention: per slot, the last `kernel - 1` conv inputs `[kernel - 1, channels]` (channels
+  contiguous, so a decode step's window, conv and state update read and write whole rows) and the fp32
+  recurrent state.
 
 Rows of a decode step are a contiguous range of slots (`rows: slice`), so every
 buffer access is a view and a decode step over slots `[0, B)` can be graph-captured;
@@ -30,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from pipo.engine import kernels
@@ -51,7 +54,7 @@ class LayerState:
     v: torch.Tensor | None = None
     conv: torch.Tensor | None = None
     rec: torch.Tensor | None = None
-    step_conv: torch.Tensor | None = None  # [steps, slots, C, K-1]: per-token states of the last forward
+    step_conv: torch.Tensor | None = None  # [steps, slots, K-1, C]: per-token states of the last forward
     step_rec: torch.Tensor | None = None  # [steps, slots, HV, Dk, Dv]
 
 
@@ -113,15 +116,15 @@ def attention_outputs(layer: nn.Module, residual: torch.Tensor, out: torch.Tenso
 
 
 def linear_inputs(layer: nn.Module, x: torch.Tensor, history: torch.Tensor):
-    """Norm, projections and the causal depthwise conv over (cached inputs `history` + new) ->
-    q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], decay g and beta [B, T, Hv] (fp32 g), gate z, conv window."""
+    """Norm, projections and the causal depthwise conv over (cached inputs `history` [B, K-1, C] + new) ->
+    q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], decay g and beta [B, T, Hv] (fp32 g), gate z, conv window
+    [B, K-1+T, C]."""
     mod = layer.linear_attn
     x = layer.input_layernorm(x)
     batch, steps, _ = x.shape
-    mixed = mod.in_proj_qkv(x).transpose(1, 2)
-    window = torch.cat([history, mixed.to(history.dtype)], dim=-1)
+    window = torch.cat([history, mod.in_proj_qkv(x).to(history.dtype)], dim=1)
     conv = F.silu(_causal_conv(window, mod.conv1d.weight, mod.conv1d.bias, steps))
-    q, k, v = torch.split(conv.transpose(1, 2), [mod.key_dim, mod.key_dim, mod.value_dim], dim=-1)
+    q, k, v = torch.split(conv, [mod.key_dim, mod.key_dim, mod.value_dim], dim=-1)
     q = q.reshape(batch, steps, -1, mod.head_k_dim).contiguous()
     k = k.reshape(batch, steps, -1, mod.head_k_dim).contiguous()
     v = v.reshape(batch, steps, -1, mod.head_v_dim).contiguous()
@@ -131,17 +134,17 @@ def linear_inputs(layer: nn.Module, x: torch.Tensor, history: torch.Tensor):
 
 
 def _causal_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, steps: int) -> torch.Tensor:
-    """Depthwise conv of `window` [B, C, K-1+T] with `weight` [C, 1, K] -> [B, C, T].
+    """Depthwise conv of `window` [B, K-1+T, C] with `weight` [C, 1, K] -> [B, T, C].
 
     A decode step's few outputs are K shifted multiply-adds, which torch.compile fuses with
     the window's concatenation and the activation; cuDNN's depthwise kernel is a separate
     launch that costs more than the whole sum at batch 256. Long inputs (prefill) use conv1d.
     """
     if steps > 8:
-        return F.conv1d(window, weight, bias, groups=weight.shape[0])
+        return F.conv1d(window.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
     taps = weight.shape[-1]
-    out = sum(window[:, :, j : j + steps] * weight[:, :, j] for j in range(taps))
-    return out if bias is None else out + bias[:, None]
+    out = sum(window[:, j : j + steps] * weight[:, 0, j] for j in range(taps))
+    return out if bias is None else out + bias
 
 
 def linear_outputs(layer: nn.Module, residual: torch.Tensor, out: torch.Tensor, z: torch.Tensor):
@@ -203,15 +206,21 @@ def _row_cache(pool: torch.Tensor, table: torch.Tensor, end: int) -> torch.Tenso
     return pool[table[: -(-end // bs)]].transpose(0, 1).reshape(kv_heads, -1, d)[:, :end]
 
 
+# SDPA's backends for prefill rows, cuDNN's left out: it builds an execution plan for every new query length,
+# ~10 ms of host time per call on an H200 (240 of a 414-ms serving prefill forward), and rows come in every length
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Queries q [Hq, n, D] at the last n of the L positions of k, v [Hkv, L, D] (Hkv divides Hq) -> [Hq, n, D]:
-    query j sees keys 0 .. L - n + j. No mask tensor on CUDA, so SDPA may use the flash or memory-efficient kernel.
+    query j sees keys 0 .. L - n + j. No mask tensor, so on CUDA SDPA uses the flash or memory-efficient kernel.
     """
     heads, n, d = q.shape
     kv_heads, length = k.shape[:2]
     if n == length:
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
-                                              enable_gqa=True)[0]
+        with sdpa_kernel(PREFILL_BACKENDS):
+            return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
+                                                  enable_gqa=True)[0]
     # `causal_lower_right` calls the flash or memory-efficient kernel itself, past SDPA's handling of fewer K/V
     # heads: each KV head's query group becomes a batch row over that head's K/V, expanded (a view, not a copy)
     group = heads // kv_heads
@@ -262,7 +271,7 @@ class PagedStack:
         dtype, device = weight.dtype, weight.device
         if _is_linear(layer):
             mod = layer.linear_attn
-            conv = torch.zeros(slots, mod.conv_dim, mod.conv_kernel_size - 1, dtype=dtype, device=device)
+            conv = torch.zeros(slots, mod.conv_kernel_size - 1, mod.conv_dim, dtype=dtype, device=device)
             rec = torch.zeros(slots, mod.num_v_heads, mod.head_k_dim, mod.head_v_dim, dtype=torch.float32, device=device)
             state = LayerState(conv=conv, rec=rec)
             if self.record_steps:  # step-major, so that one step's states of a row range are contiguous
@@ -375,14 +384,14 @@ class PagedStack:
     ) -> torch.Tensor:
         """Keep the conv history (per token when recording) and run the gated delta rule on the rows' states
         (an index tensor of rows gets its states gathered and written back)."""
-        steps, history = q.shape[1], state.conv.shape[-1]
-        if record:  # the conv history after token t is window[..., t + 1 : t + 1 + history]
-            state.step_conv[:steps, rows] = window.unfold(2, history, 1)[:, :, 1:].permute(2, 0, 1, 3)
+        steps, history = q.shape[1], state.conv.shape[1]
+        if record:  # the conv history after token t is window[:, t + 1 : t + 1 + history]
+            state.step_conv[:steps, rows] = window.unfold(1, history, 1)[:, 1:].permute(1, 0, 3, 2)
         if lengths is None:
-            state.conv[rows] = window[:, :, -history:]
+            state.conv[rows] = window[:, -history:]
         else:  # the last `history` inputs up to each row's last real token
-            index = lengths[:, None, None] + torch.arange(history, device=window.device)
-            state.conv[rows] = window.gather(2, index.expand(-1, window.shape[1], -1))
+            index = lengths[:, None, None] + torch.arange(history, device=window.device)[:, None]
+            state.conv[rows] = window.gather(1, index.expand(-1, -1, window.shape[2]))
         rec = state.rec[rows]
         if recurrent:
             out = kernels.recurrent_delta_rule(q, k, v, g, beta, rec, state.step_rec[:steps, rows] if record else None)
