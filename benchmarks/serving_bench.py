@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--static-len", type=int, default=32768)
     parser.add_argument("--max-batch", type=int, default=256)
-    parser.add_argument("--methods", default="regular,pipo")
+    parser.add_argument("--methods", default="regular,pipo", help="comma-separated; empty: construction only")
     parser.add_argument("--construct", default="eval,rollout")
     parser.add_argument("--no-fill", action="store_true", help="start the window after 20 warm-up steps, "
                         "during the first wave of admissions (the 2026-12-01 tables)")
@@ -195,7 +195,7 @@ def main() -> None:
     weights = {"regular": body + lm,
                "pipo": body + 2 * lm + nbytes(pipo.mtp) + nbytes(pipo.compressor) + nbytes(pipo.confidence_head)}
     rows = {}
-    for method in args.methods.split(","):
+    for method in filter(None, args.methods.split(",")):
         model, opts = (pipo, {"conf_threshold": -1.0}) if method == "pipo" else (causal_lm, {})
         engine = Engine(model, method, max_batch_size=args.max_batch, max_seq_len=args.cap + 2048 + 64,
                         eos_token_ids=[], **opts)

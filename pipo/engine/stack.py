@@ -115,23 +115,15 @@ def attention_outputs(layer: nn.Module, residual: torch.Tensor, out: torch.Tenso
     return _mlp_block(layer, residual + layer.self_attn.o_proj(out))
 
 
-def linear_inputs(layer: nn.Module, x: torch.Tensor, history: torch.Tensor, update: bool = False):
+def linear_inputs(layer: nn.Module, x: torch.Tensor, history: torch.Tensor):
     """Norm, projections and the causal depthwise conv over (cached inputs `history` [B, K-1, C] + new) ->
     q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], decay g and beta [B, T, Hv] (fp32 g), gate z, conv window
-    [B, K-1+T, C] (None when `update`).
-
-    `update`: write the last K-1 inputs back into `history` (a view of the rows' states) instead of
-    returning the window: compiled, a decode step's conv state then costs one store fused with the
-    conv, not a materialised window and a separate copy (~20 us per layer at batch 256).
-    """
+    [B, K-1+T, C]."""
     mod = layer.linear_attn
     x = layer.input_layernorm(x)
     batch, steps, _ = x.shape
     window = torch.cat([history, mod.in_proj_qkv(x).to(history.dtype)], dim=1)
     conv = F.silu(_causal_conv(window, mod.conv1d.weight, mod.conv1d.bias, steps))
-    if update:
-        history.copy_(window[:, -history.shape[1]:])
-        window = None
     q, k, v = torch.split(conv, [mod.key_dim, mod.key_dim, mod.value_dim], dim=-1)
     q = q.reshape(batch, steps, -1, mod.head_k_dim).contiguous()
     k = k.reshape(batch, steps, -1, mod.head_k_dim).contiguous()
@@ -317,15 +309,12 @@ class PagedStack:
         else:
             cos, sin = self.rotary(x, positions)
         attn_in, attn_out, linear_in, linear_out = self.segments if capturing() else SEGMENTS
-        in_place = prefill is None and not record and isinstance(rows, slice)  # conv states updated by linear_in
         for layer, state in zip(self.layers, self.states):
             if _is_linear(layer):
-                q, k, v, g, beta, z, window = linear_in(layer, x, state.conv[rows], in_place)
+                q, k, v, g, beta, z, window = linear_in(layer, x, state.conv[rows])
                 if valid is not None:  # padding: no decay, no update
                     g, beta = g * valid[..., None], beta * valid[..., None]
-                if window is not None:
-                    self._keep_conv(state, window, rows, record, lengths)
-                out = self._delta_rule(state, q, k, v, g, beta, rows, prefill is None, record)
+                out = self._delta_rule(state, q, k, v, g, beta, window, rows, prefill is None, record, lengths)
                 x = linear_out(layer, x, out, z)
             else:
                 q, k, v, gate = attn_in(layer, x, cos, sin)
@@ -379,12 +368,23 @@ class PagedStack:
             )
         return out.reshape(batch, -1, steps, d)
 
-    @staticmethod
-    def _keep_conv(
-        state: LayerState, window: torch.Tensor, rows: slice | torch.Tensor, record: bool, lengths: torch.Tensor | None
-    ) -> None:
-        """Keep the rows' conv history from their window [B, K-1+T, C] (per token too when recording)."""
-        steps, history = window.shape[1] - state.conv.shape[1], state.conv.shape[1]
+    def _delta_rule(
+        self,
+        state: LayerState,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        beta: torch.Tensor,
+        window: torch.Tensor,
+        rows: slice | torch.Tensor,
+        recurrent: bool,
+        record: bool,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Keep the conv history (per token when recording) and run the gated delta rule on the rows' states
+        (an index tensor of rows gets its states gathered and written back)."""
+        steps, history = q.shape[1], state.conv.shape[1]
         if record:  # the conv history after token t is window[:, t + 1 : t + 1 + history]
             state.step_conv[:steps, rows] = window.unfold(1, history, 1)[:, 1:].permute(1, 0, 3, 2)
         if lengths is None:
@@ -392,22 +392,6 @@ class PagedStack:
         else:  # the last `history` inputs up to each row's last real token
             index = lengths[:, None, None] + torch.arange(history, device=window.device)[:, None]
             state.conv[rows] = window.gather(1, index.expand(-1, -1, window.shape[2]))
-
-    @staticmethod
-    def _delta_rule(
-        state: LayerState,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        g: torch.Tensor,
-        beta: torch.Tensor,
-        rows: slice | torch.Tensor,
-        recurrent: bool,
-        record: bool,
-    ) -> torch.Tensor:
-        """Run the gated delta rule on the rows' states (an index tensor of rows gets its states gathered and
-        written back)."""
-        steps = q.shape[1]
         rec = state.rec[rows]
         if recurrent:
             out = kernels.recurrent_delta_rule(q, k, v, g, beta, rec, state.step_rec[:steps, rows] if record else None)
