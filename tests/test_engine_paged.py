@@ -306,10 +306,10 @@ def test_counter_based_draws_keep_the_laws():
 
 @TRITON_ON_CPU
 @pytest.mark.parametrize(
-    ("dtype", "d", "block_v", "warps"),
-    [(torch.float32, 16, 8, 1), (torch.bfloat16, 32, 64, 4), (torch.float32, 24, 16, 2)],  # 2 tiles / 1 / ragged
-)
-def test_delta_decode_kernel_matches_torch(dtype, d, block_v, warps):
+    ("dtype", "d", "block_v", "warps", "strided"),
+    [(torch.float32, 16, 8, 1, False), (torch.bfloat16, 32, 64, 4, True), (torch.float32, 24, 16, 2, True)],
+)  # 2 tiles / 1 / ragged; q, k, v as head views of one conv output's rows (what the engine passes) or contiguous
+def test_delta_decode_kernel_matches_torch(dtype, d, block_v, warps, strided):
     """The Triton decode step of the gated delta rule against the torch recurrent path, grouped value heads,
     several tokens in a row, each updating the fp32 state in place."""
     from pipo.engine import delta_decode, kernels
@@ -318,8 +318,13 @@ def test_delta_decode_kernel_matches_torch(dtype, d, block_v, warps):
     state = 0.1 * torch.randn(batch, v_heads, d, d)
     expected_state = state.clone()
     for _ in range(3):
-        q, k = torch.randn(2, batch, 1, heads, d, dtype=dtype)
-        v = torch.randn(batch, 1, v_heads, d, dtype=dtype)
+        if strided:
+            conv = torch.randn(batch, 1, (2 * heads + v_heads) * d + 8, dtype=dtype)  # 8 more channels per row
+            q, k, v = torch.split(conv[..., :-8], [heads * d, heads * d, v_heads * d], dim=-1)
+            q, k, v = q.view(batch, 1, heads, d), k.view(batch, 1, heads, d), v.view(batch, 1, v_heads, d)
+        else:
+            q, k = torch.randn(2, batch, 1, heads, d, dtype=dtype)
+            v = torch.randn(batch, 1, v_heads, d, dtype=dtype)
         g = -torch.nn.functional.softplus(torch.randn(batch, 1, v_heads))  # fp32 log decay, as the engine's
         beta = torch.rand(batch, 1, v_heads, dtype=dtype)
         out = delta_decode.decode_step(q, k, v, g, beta, state, state, block_v, warps)
@@ -334,6 +339,34 @@ def test_delta_decode_kernel_matches_torch(dtype, d, block_v, warps):
     kernels.recurrent_delta_rule(q, k, v, g, beta, expected_state)
     assert torch.equal(state, before)  # a separate final state leaves the initial one untouched
     torch.testing.assert_close(final, expected_state, atol=1e-6, rtol=1e-5)
+
+
+@TRITON_ON_CPU
+@pytest.mark.parametrize(("dtype", "steps", "bias"), [(torch.float32, 1, False), (torch.bfloat16, 1, True),
+                                                     (torch.float32, 3, True)])
+def test_conv_decode_kernel_matches_torch(dtype, steps, bias):
+    """The Triton conv step against the torch path (window, `_causal_conv`, SiLU, history = the window's tail):
+    new inputs as a strided slice of a wider projection, history rows of a larger slot buffer updated in place,
+    channels not a multiple of the kernel's block."""
+    from pipo.engine import conv_decode
+    from pipo.engine.stack import _causal_conv
+
+    batch, taps, channels = 3, 4, conv_decode.BLOCK_CHANNELS + 44
+    slots = torch.randn(batch + 2, taps - 1, channels, dtype=dtype)
+    history = slots[1 : batch + 1]
+    projection = torch.randn(batch, steps, channels + 10, dtype=dtype)
+    x = projection[..., 5 : 5 + channels]
+    weight = torch.randn(channels, 1, taps, dtype=dtype)
+    b = torch.randn(channels, dtype=dtype) if bias else None
+    window = torch.cat([history, x], dim=1).float()
+    expected = torch.nn.functional.silu(_causal_conv(window, weight.float(), None if b is None else b.float(), steps))
+    untouched = (slots[0].clone(), slots[-1].clone())
+    out = conv_decode.conv_step(x, history, weight, b)
+    assert out.shape == (batch, steps, channels) and out.dtype == dtype
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the same fp32 sum, rounded once
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=atol)
+    assert torch.equal(history, window[:, -(taps - 1):].to(dtype))
+    assert torch.equal(slots[0], untouched[0]) and torch.equal(slots[-1], untouched[1])  # other slots stay
 
 
 def test_delta_decode_refuses_a_state_it_would_misread():

@@ -33,13 +33,14 @@ def available(q: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _step_kernel(Q, K, V, G, BETA, S0, S1, O, scale, H: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr,
-                     DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, TILES: tl.constexpr):
+    def _step_kernel(Q, K, V, G, BETA, S0, S1, O, scale, q_row, k_row, v_row, H: tl.constexpr, HV: tl.constexpr,
+                     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, TILES: tl.constexpr):
         """Program (row x value head) * TILES + value tile: S1[tile] = updated S0[tile], O[tile] = q . S1[tile]."""
         pid = tl.program_id(0)
         bh = pid // TILES
         b = bh // HV
-        h = (bh % HV) // (HV // H)
+        hv = bh % HV
+        h = hv // (HV // H)
         dk = tl.arange(0, BK)
         dv = (pid % TILES) * BV + tl.arange(0, BV)
         k_ok = dk < DK
@@ -47,9 +48,9 @@ if triton is not None:
         tile = bh.to(tl.int64) * DK * DV + dk[:, None] * DV + dv[None, :]
         tile_ok = k_ok[:, None] & v_ok[None, :]
         s = tl.load(S0 + tile, mask=tile_ok, other=0.0)
-        q = tl.load(Q + (b * H + h) * DK + dk, mask=k_ok, other=0.0).to(tl.float32)
-        k = tl.load(K + (b * H + h) * DK + dk, mask=k_ok, other=0.0).to(tl.float32)
-        v = tl.load(V + bh * DV + dv, mask=v_ok, other=0.0).to(tl.float32)
+        q = tl.load(Q + b * q_row + h * DK + dk, mask=k_ok, other=0.0).to(tl.float32)
+        k = tl.load(K + b * k_row + h * DK + dk, mask=k_ok, other=0.0).to(tl.float32)
+        v = tl.load(V + b * v_row + hv * DV + dv, mask=v_ok, other=0.0).to(tl.float32)
         decay = tl.exp(tl.load(G + bh).to(tl.float32))
         beta = tl.load(BETA + bh).to(tl.float32)
         q = q * (scale / tl.sqrt(tl.sum(q * q) + 1e-6))
@@ -74,6 +75,7 @@ def decode_step(
 ) -> torch.Tensor:
     """One token: q/k [B, 1, H, Dk], v [B, 1, HV, Dv] (HV a multiple of H), g (log decay) and beta [B, 1, HV];
     reads `initial` and writes `final` ([B, HV, Dk, Dv] fp32, contiguous; the same tensor updates in place).
+    q, k and v may be row-strided views (the conv kernel's output split into heads) whose heads are contiguous.
     Returns the output [B, 1, HV, Dv] in v's dtype. Allocates only the output and never syncs (graph-capturable).
     """
     batch, steps, heads, dk = k.shape
@@ -85,12 +87,19 @@ def decode_step(
         if state.shape != (batch, v_heads, dk, dv) or state.dtype != torch.float32 or not state.is_contiguous():
             raise ValueError(f"delta_decode: {name} state must be contiguous fp32 {(batch, v_heads, dk, dv)}, "
                              f"got {state.dtype} {tuple(state.shape)}")
-    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    q, k, v = (_heads_contiguous(t) for t in (q, k, v))
+    g, beta = g.contiguous(), beta.contiguous()
     block_v = min(block_v, triton.next_power_of_2(dv))
     tiles = -(-dv // block_v)
-    out = torch.empty_like(v)
+    out = torch.empty(batch, 1, v_heads, dv, dtype=v.dtype, device=v.device)
     _step_kernel[(batch * v_heads * tiles,)](
-        q, k, v, g, beta, initial, final, out, dk**-0.5, H=heads, HV=v_heads, DK=dk, DV=dv,
+        q, k, v, g, beta, initial, final, out, dk**-0.5, q.stride(0), k.stride(0), v.stride(0),
+        H=heads, HV=v_heads, DK=dk, DV=dv,
         BK=triton.next_power_of_2(dk), BV=block_v, TILES=tiles, num_warps=warps, num_stages=1,
     )
     return out
+
+
+def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """`x` [B, 1, heads, D] with each row's heads contiguous (rows may be strided), copied only when not."""
+    return x if x.stride()[2:] == (x.shape[3], 1) else x.contiguous()

@@ -46,6 +46,13 @@ def flash_decode():
     return module
 
 
+def conv_decode():
+    """The Triton conv-step kernel's module, imported on first use like `flash_decode`."""
+    from pipo.engine import conv_decode as module
+
+    return module
+
+
 @dataclass
 class LayerState:
     """One layer's buffers: `k`/`v` block pools for full attention, per-slot `conv`/`rec` for linear attention."""
@@ -115,22 +122,31 @@ def attention_outputs(layer: nn.Module, residual: torch.Tensor, out: torch.Tenso
     return _mlp_block(layer, residual + layer.self_attn.o_proj(out))
 
 
-def linear_inputs(layer: nn.Module, x: torch.Tensor, history: torch.Tensor):
-    """Norm, projections and the causal depthwise conv over (cached inputs `history` [B, K-1, C] + new) ->
-    q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], decay g and beta [B, T, Hv] (fp32 g), gate z, conv window
-    [B, K-1+T, C]."""
+def linear_inputs(layer: nn.Module, x: torch.Tensor):
+    """Norm and input projections -> the conv's inputs (q, k, v channels) [B, T, C], decay g and beta [B, T, Hv]
+    (fp32 g), gate z."""
     mod = layer.linear_attn
     x = layer.input_layernorm(x)
-    batch, steps, _ = x.shape
-    window = torch.cat([history, mod.in_proj_qkv(x).to(history.dtype)], dim=1)
-    conv = F.silu(_causal_conv(window, mod.conv1d.weight, mod.conv1d.bias, steps))
-    q, k, v = torch.split(conv, [mod.key_dim, mod.key_dim, mod.value_dim], dim=-1)
-    q = q.reshape(batch, steps, -1, mod.head_k_dim).contiguous()
-    k = k.reshape(batch, steps, -1, mod.head_k_dim).contiguous()
-    v = v.reshape(batch, steps, -1, mod.head_v_dim).contiguous()
     beta = mod.in_proj_b(x).sigmoid()
     g = -mod.A_log.float().exp() * F.softplus(mod.in_proj_a(x).float() + mod.dt_bias)
-    return q, k, v, g, beta, mod.in_proj_z(x), window
+    return mod.in_proj_qkv(x), g, beta, mod.in_proj_z(x)
+
+
+def linear_conv(layer: nn.Module, mixed: torch.Tensor, history: torch.Tensor):
+    """The causal depthwise conv and SiLU over (cached inputs `history` [B, K-1, C] + new `mixed` [B, T, C]) ->
+    q, k [B, T, Hk, Dk], v [B, T, Hv, Dv] (contiguous), conv window [B, K-1+T, C]."""
+    mod = layer.linear_attn
+    window = torch.cat([history, mixed.to(history.dtype)], dim=1)
+    conv = F.silu(_causal_conv(window, mod.conv1d.weight, mod.conv1d.bias, mixed.shape[1]))
+    return *(t.contiguous() for t in conv_heads(mod, conv)), window
+
+
+def conv_heads(mod: nn.Module, conv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The conv's output channels [B, T, C] as q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv] (views)."""
+    batch, steps, _ = conv.shape
+    q, k, v = torch.split(conv, [mod.key_dim, mod.key_dim, mod.value_dim], dim=-1)
+    return (q.view(batch, steps, -1, mod.head_k_dim), k.view(batch, steps, -1, mod.head_k_dim),
+            v.view(batch, steps, -1, mod.head_v_dim))
 
 
 def _causal_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, steps: int) -> torch.Tensor:
@@ -159,7 +175,7 @@ def _mlp_block(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-SEGMENTS = (attention_inputs, attention_outputs, linear_inputs, linear_outputs)
+SEGMENTS = (attention_inputs, attention_outputs, linear_inputs, linear_conv, linear_outputs)
 
 
 @functools.lru_cache(maxsize=1)
@@ -308,13 +324,14 @@ class PagedStack:
             cos, sin = self.rotary(x, positions[None].expand(3, -1, -1))
         else:
             cos, sin = self.rotary(x, positions)
-        attn_in, attn_out, linear_in, linear_out = self.segments if capturing() else SEGMENTS
+        attn_in, attn_out, linear_in, linear_conv, linear_out = self.segments if capturing() else SEGMENTS
         for layer, state in zip(self.layers, self.states):
             if _is_linear(layer):
-                q, k, v, g, beta, z, window = linear_in(layer, x, state.conv[rows])
+                mixed, g, beta, z = linear_in(layer, x)
+                q, k, v = self._conv(layer, state, mixed, rows, prefill is None, record, lengths, linear_conv)
                 if valid is not None:  # padding: no decay, no update
                     g, beta = g * valid[..., None], beta * valid[..., None]
-                out = self._delta_rule(state, q, k, v, g, beta, window, rows, prefill is None, record, lengths)
+                out = self._delta_rule(state, q, k, v, g, beta, rows, prefill is None, record)
                 x = linear_out(layer, x, out, z)
             else:
                 q, k, v, gate = attn_in(layer, x, cos, sin)
@@ -368,6 +385,35 @@ class PagedStack:
             )
         return out.reshape(batch, -1, steps, d)
 
+    def _conv(
+        self,
+        layer: nn.Module,
+        state: LayerState,
+        mixed: torch.Tensor,
+        rows: slice | torch.Tensor,
+        recurrent: bool,
+        record: bool,
+        lengths: torch.Tensor | None,
+        linear_conv,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The causal conv over the rows' conv history and `mixed` [B, T, C] -> q, k, v; keeps the history (per
+        token when recording). Decode steps of a row range on GPU run one Triton kernel that updates the
+        history in place (`conv_decode`); the rest the torch segment `linear_conv` and writes the history."""
+        mod = layer.linear_attn
+        if recurrent and not record and isinstance(rows, slice) and mixed.is_cuda and conv_decode().available(mixed):
+            conv = conv_decode().conv_step(mixed, state.conv[rows], mod.conv1d.weight, mod.conv1d.bias)
+            return conv_heads(mod, conv)
+        q, k, v, window = linear_conv(layer, mixed, state.conv[rows])
+        steps, history = mixed.shape[1], state.conv.shape[1]
+        if record:  # the conv history after token t is window[:, t + 1 : t + 1 + history]
+            state.step_conv[:steps, rows] = window.unfold(1, history, 1)[:, 1:].permute(1, 0, 3, 2)
+        if lengths is None:
+            state.conv[rows] = window[:, -history:]
+        else:  # the last `history` inputs up to each row's last real token
+            index = lengths[:, None, None] + torch.arange(history, device=window.device)[:, None]
+            state.conv[rows] = window.gather(1, index.expand(-1, -1, window.shape[2]))
+        return q, k, v
+
     def _delta_rule(
         self,
         state: LayerState,
@@ -376,22 +422,13 @@ class PagedStack:
         v: torch.Tensor,
         g: torch.Tensor,
         beta: torch.Tensor,
-        window: torch.Tensor,
         rows: slice | torch.Tensor,
         recurrent: bool,
         record: bool,
-        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Keep the conv history (per token when recording) and run the gated delta rule on the rows' states
-        (an index tensor of rows gets its states gathered and written back)."""
-        steps, history = q.shape[1], state.conv.shape[1]
-        if record:  # the conv history after token t is window[:, t + 1 : t + 1 + history]
-            state.step_conv[:steps, rows] = window.unfold(1, history, 1)[:, 1:].permute(1, 0, 3, 2)
-        if lengths is None:
-            state.conv[rows] = window[:, -history:]
-        else:  # the last `history` inputs up to each row's last real token
-            index = lengths[:, None, None] + torch.arange(history, device=window.device)[:, None]
-            state.conv[rows] = window.gather(1, index.expand(-1, -1, window.shape[2]))
+        """The gated delta rule on the rows' states, per token when recording (an index tensor of rows gets its
+        states gathered and written back)."""
+        steps = q.shape[1]
         rec = state.rec[rows]
         if recurrent:
             out = kernels.recurrent_delta_rule(q, k, v, g, beta, rec, state.step_rec[:steps, rows] if record else None)
