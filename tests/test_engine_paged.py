@@ -81,6 +81,41 @@ def test_pipo_exact_under_preemption(pipo_model, tau):
     check_no_leaks(engine)
 
 
+def test_fused_projections_are_exact_and_follow_in_place_updates(pipo_model):
+    """Projections of one input fused into one GEMM (the modules' weights become views of it): outputs equal the
+    reference's, an in-place update of a module's weight reaches the engine, a second engine shares the weights."""
+    model = pipo_model("qwen3_5")
+    with torch.no_grad():
+        model.confidence_head.fc2.weight.normal_(0, 2.0)
+    engine = Engine(model, "pipo", eos_token_ids=EOS, conf_threshold=0.5, fuse_projections=True, **TIGHT)
+    layers = [*model.model.layers, *engine.parts.mtp.layers]
+    fused = [*engine.decoder.backbone.weights, *engine.decoder.mtp.weights]
+    linear = next(i for i, layer in enumerate(layers) if hasattr(layer, "linear_attn"))
+    attention = next(i for i, layer in enumerate(layers) if hasattr(layer, "self_attn"))
+    assert layers[linear].linear_attn.in_proj_z.weight.data_ptr() == fused[linear].inputs[
+        layers[linear].linear_attn.in_proj_qkv.out_features].data_ptr()
+    assert layers[attention].self_attn.k_proj.weight.data_ptr() == fused[attention].inputs[
+        layers[attention].self_attn.q_proj.out_features].data_ptr()
+    assert all(w.inputs is not None and w.mlp is not None for w in fused)
+
+    def check() -> list[list[int]]:
+        expected = [generate_pipo_reference(model, p, NEW, GREEDY, 0.5, EOS).raw_ids for p in PROMPTS[:4]]
+        out = engine.generate(PROMPTS[:4], GREEDY, max_new_tokens=NEW)
+        assert [row[0].raw_ids for row in out] == expected
+        return expected
+
+    before = check()
+    with torch.no_grad():  # as an optimizer step does: in place, on the module's own weights
+        for layer in layers:
+            layer.mlp.up_proj.weight.mul_(-1.5)
+            (layer.linear_attn.in_proj_a if hasattr(layer, "linear_attn") else layer.self_attn.v_proj).weight.add_(0.3)
+    engine.prefix_cache.clear()
+    assert check() != before
+    again = Engine(model, "pipo", eos_token_ids=EOS, fuse_projections=True, **TIGHT)
+    assert [w.inputs.data_ptr() for w in again.decoder.backbone.weights] == [
+        w.inputs.data_ptr() for w in engine.decoder.backbone.weights]
+
+
 @pytest.mark.parametrize("method", ["regular", "mtp", "eagle", "pipo"])
 def test_sampling_depends_only_on_the_seed(pipo_model, qwen_regular, method):
     """Sampled tokens are the same alone, in a batch, and preempted and recomputed."""

@@ -59,6 +59,7 @@ class DecodeConfig:
     conf_threshold: float = ENGINE_DEFAULTS.conf_threshold  # pipo: keep token2 when sigmoid(confidence) >= this
     eagle_k: int = ENGINE_DEFAULTS.eagle_k  # eagle: tokens drafted per step
     compile_layers: bool = False  # torch.compile the layers' pure segments (GPU: fuses the small kernels)
+    fuse_projections: bool = False  # one GEMM per layer's projections of one input (their weights become views)
     block_size: int = 32  # positions per KV block
     num_blocks: int = 0  # KV blocks in the pool (block 0 included)
 
@@ -89,10 +90,10 @@ class Decoder:
         self.max_blocks = -(-self.capacity // self.block_size)
         self.tables = torch.zeros(slots, self.max_blocks, dtype=torch.long, device=self.device)
         self.backbone = PagedStack(base.layers, base.norm, base.rotary_emb, slots, self.tables, config.num_blocks,
-                                   self.block_size, self.record_steps, config.compile_layers)
+                                   self.block_size, self.record_steps, config.compile_layers, config.fuse_projections)
         self.mtp = (
             PagedStack(parts.mtp.layers, parts.mtp.norm, base.rotary_emb, slots, self.tables, config.num_blocks,
-                       self.block_size, compile=config.compile_layers)
+                       self.block_size, compile=config.compile_layers, fuse=config.fuse_projections)
             if self.uses_mtp else None
         )
         vocab, hidden = parts.text_config.vocab_size, parts.text_config.hidden_size

@@ -105,7 +105,10 @@ class Engine:
     `model` is a checkpoint folder (PIPO or regular), or a loaded `PIPOForCausalLM` /
     causal LM (then pass `mtp_head` for mtp/eagle and `tokenizer` for text prompts).
     Loaded models are moved to `device`/`dtype` in place. On CUDA, decode steps are
-    graph-captured (`cuda_graphs`) and the layers' small ops compiled inside the graphs (`compile_layers`).
+    graph-captured (`cuda_graphs`) and the layers' small ops compiled inside the graphs (`compile_layers`), and
+    each layer's projections of one input run as one GEMM (`fuse_projections`: the modules' weights become views
+    of one tensor per group, so in-place updates still reach the engine; off for a model whose parameters a
+    trainer rebinds, as OPD's `RolloutEngine` does).
     `max_seq_len` bounds one sequence (prompt + completion); `num_blocks` blocks of
     `block_size` positions hold every sequence's KV (default: on CUDA what
     `gpu_memory_utilization` of the device leaves, on CPU enough for every slot at `max_seq_len`).
@@ -137,6 +140,7 @@ class Engine:
         gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization,
         cuda_graphs: bool | None = None,
         compile_layers: bool | None = None,
+        fuse_projections: bool | None = None,
         eos_token_ids: Seq[int] | None = None,
     ) -> None:
         if min(max_batch_size, eagle_k, prefill_chunk, prefill_rows, block_size) < 1 or max_seq_len < 2:
@@ -166,14 +170,15 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens or prefill_rows * prefill_chunk
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         compile_layers = self.device.type == "cuda" if compile_layers is None else compile_layers
+        fuse_projections = self.device.type == "cuda" if fuse_projections is None else fuse_projections
         decoder_cls = DECODERS[method]
-        config = DecodeConfig(conf_threshold, eagle_k, compile_layers, block_size, 2)
+        config = DecodeConfig(conf_threshold, eagle_k, compile_layers, fuse_projections, block_size, 2)
         probe = decoder_cls.capacity_probe(max_seq_len, config)
         self.blocks_per_seq = -(-probe // block_size)
         rows = max_batch_size + prefill_rows
         self.num_blocks = self._size_pool(num_blocks, rows, gpu_memory_utilization, eagle_k, block_size,
                                           max_batch_size)
-        config = DecodeConfig(conf_threshold, eagle_k, compile_layers, block_size, self.num_blocks)
+        config = DecodeConfig(conf_threshold, eagle_k, compile_layers, fuse_projections, block_size, self.num_blocks)
         self.decoder = decoder_cls(self.parts, rows, max_seq_len, config, graphs)
         self.buckets = batch_buckets(max_batch_size)
         # prefill rows warmed on CUDA only (what it prevents are mid-run Triton compilations and autotuning)

@@ -144,6 +144,7 @@ class RolloutEngine:
             prefix_cache_size=0,  # each prompt is decoded once: snapshots of its state would only cost memory
             num_blocks=Engine.blocks_for("pipo", max_seq_len, batch),  # every rollout at full length
             compile_layers=self.compile_layers,
+            fuse_projections=False,  # `_bind` rebinds each parameter's tensor: views of a fused weight would go stale
         )
         self.key = key
         self.builds += 1
