@@ -1,6 +1,7 @@
 """Shared fixtures: tiny backbones of each supported family, written once per test session."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -16,6 +17,11 @@ from pipo import PIPOForCausalLM
 from pipo.model.tiny import make_tiny_backbone
 
 FAMILIES = ("qwen3_5", "llama")
+
+# Triton kernels run on CPU tensors under Triton's interpreter, switched on above where there is no GPU
+TRITON_ON_CPU = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="triton is not installed, or a GPU runs it (tests/test_gpu.py)")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one thread per xdist worker: on a 2-core machine, 2 workers x 2 torch threads thrash

@@ -1,9 +1,6 @@
 """Paged KV memory: exact outputs under preemption, shared prompt blocks, prefix hits, no leaked blocks, order."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -12,6 +9,7 @@ from pipo.errors import PIPOError
 from pipo.model.reference import generate_mtp_reference, generate_pipo_reference, generate_regular_reference
 from pipo.model.sampling import GREEDY, SamplingParams
 from pipo.serve.stream import TextStream
+from tests.conftest import TRITON_ON_CPU
 
 EOS = [2]
 # mixed lengths, a prompt that extends another (prefix hit), a repeated prompt (full hit)
@@ -256,12 +254,6 @@ def test_pool_smaller_than_one_sequence_is_refused(qwen_regular):
 def test_max_seq_len_beyond_the_models_positions_is_refused(qwen_regular):
     with pytest.raises(PIPOError, match="max_seq_len=8193 exceeds the model's max_position_embeddings 8192"):
         Engine(qwen_regular[0], "regular", max_seq_len=8193, num_blocks=5)
-
-
-# Triton kernels run on CPU tensors under Triton's interpreter, which conftest switches on where there is no GPU
-TRITON_ON_CPU = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="triton is not installed, or a GPU runs it (tests/test_gpu.py)")
 
 
 @TRITON_ON_CPU

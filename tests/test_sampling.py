@@ -1,14 +1,18 @@
 """Sampling transforms against distributions worked out by hand on a five-token vocabulary, and the samplers
 against those distributions (total-variation bound); the same for the engine's per-row transforms and sampler;
-`SamplingParams` validation."""
+`SamplingParams` validation; the top-k's group-max prefilter (its Triton kernel under the interpreter) against
+torch.topk and torch.argmax."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 from pipo.errors import PIPOError
+from pipo.model import sampling
+from pipo.model.group_max import group_max, group_max_torch
 from pipo.model.sampling import (
     RowParams,
     SamplingMode,
@@ -22,6 +26,7 @@ from pipo.model.sampling import (
     sample_rows,
     top_k,
 )
+from tests.conftest import TRITON_ON_CPU
 
 BASE = [0.4, 0.3, 0.15, 0.1, 0.05]  # logits are log(BASE), so softmax(logits) == BASE
 SEEN = [0]  # tokens already generated (the presence penalty's target)
@@ -186,10 +191,117 @@ def test_group_prefiltered_top_k_equals_torch_topk(dtype, width, group):
     for z in (rows, ties, masked):
         z = z.to(dtype)
         for k in (1, 5, 32, 64):
-            values, ids = top_k(z, k, group)
+            values, ids, greedy = top_k(z, k, group, with_argmax=True)
             expected = torch.topk(z, k, dim=-1)
             assert torch.equal(values, expected.values), (k, z)
             assert torch.equal(z.gather(1, ids), values)
             assert (ids.sort(-1).values.diff(dim=-1) > 0).all() and ids.max() < width
+            assert torch.equal(greedy, z.argmax(-1))
             plain = top_k(z, k)  # the default on CPU: torch.topk itself, ids and all
             assert torch.equal(plain[0], expected.values) and torch.equal(plain[1], expected.indices)
+
+
+def exact(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal bit for bit, dtype included, NaN where NaN."""
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def group_max_by_slices(z: torch.Tensor, group: int) -> torch.Tensor:
+    """The definition of `group_max`: one amax per slice of `group` columns, the last one ragged."""
+    return torch.stack([z[:, start:start + group].amax(-1) for start in range(0, z.shape[1], group)], dim=1)
+
+
+def awkward_rows(width: int) -> torch.Tensor:
+    """Rows [5, width]: random, small-integer ties, all -inf, finite only in the last column (the ragged tail
+    of most group sizes), and random with a NaN and a +inf."""
+    torch.manual_seed(0)
+    z = torch.cat([torch.randn(1, width), torch.randint(0, 3, (1, width)).float(),
+                   torch.full((2, width), float("-inf")), torch.randn(1, width)])
+    z[3, -1] = -1.0
+    z[4, width // 3], z[4, width // 2] = float("nan"), float("inf")
+    return z
+
+
+@pytest.mark.parametrize(("width", "group"), [(1000, 32), (777, 8), (300, 100), (5, 8), (256, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_max_is_the_max_of_each_slice(width, group, dtype):
+    """The torch path (what CPU runs) against its definition: ragged tails, a single partial group, -inf, NaN;
+    a strided view (a slice of wider rows) too."""
+    z = awkward_rows(width).to(dtype)
+    expected = group_max_by_slices(z, group)
+    exact(group_max(z, group), expected)
+    wide = torch.cat([z, torch.randn(5, 3).to(dtype)], dim=1)
+    exact(group_max_torch(wide[:, :width], group), expected)
+
+
+@TRITON_ON_CPU
+@pytest.mark.parametrize(("width", "group", "block"), [(1000, 32, 128), (777, 8, 64), (300, 100, 256), (5, 8, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_max_triton_kernel_matches_torch(width, group, block, dtype):
+    """The Triton kernel (under the interpreter) equals the torch path bit for bit: several groups per program,
+    ragged tails, a group size that is not a power of two, -inf rows, NaN propagated like torch.amax; and it
+    reads a strided view (a slice of wider rows) in place."""
+    from pipo.model.group_max import group_max_triton
+
+    z = awkward_rows(width).to(dtype)
+    got = group_max_triton(z, group, block)
+    exact(got, group_max_torch(z, group))
+    assert got[4, width // 3 // group].isnan()
+    wide = torch.cat([z, torch.randn(5, 3).to(dtype)], dim=1)
+    exact(group_max_triton(wide[:, :width], group, block), got)
+
+
+def argmax_cases(width: int) -> torch.Tensor:
+    """Rows [.., width] whose argmax is decided by ties: across groups, within one, at +inf, in the tail, all -inf,
+    all equal, and NaN (which argmax takes as the largest)."""
+    z = torch.randn(8, width)
+    z[0, [40, 41, 900]] = 9.0  # the same maximum in two groups, twice in the first of them
+    z[1, [width - 5, width - 1]] = 9.0  # twice in the ragged tail
+    z[2] = float("-inf")
+    z[3] = 0.0
+    z[4] = float("-inf")
+    z[4, width - 4] = -3.0  # the one finite logit, in the tail
+    z[5, [33, 64, 500]] = float("inf")
+    z[6, [700, 500]] = float("nan")
+    z[6, 100] = float("inf")
+    z[7] = torch.randint(0, 2, (width,)).float()  # ties everywhere
+    return z
+
+
+@pytest.mark.parametrize("group", [32, 7, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_from_group_maxima_is_torch_argmax(group, dtype):
+    """`top_k(..., with_argmax=True)` derives the greedy token from the group maxima: the same index as
+    torch.argmax (the first maximum), with ties across and within groups, the ragged tail, -inf rows and NaN."""
+    z = argmax_cases(1000).to(dtype)
+    values, ids, greedy = top_k(z, 4, group, with_argmax=True)
+    assert torch.equal(greedy, z.argmax(-1)), (greedy, z.argmax(-1))
+    assert greedy.tolist()[:6] == [40, 995, 0, 0, 996, 33]
+    assert torch.equal(values[:6], torch.topk(z[:6], 4, dim=-1).values)
+
+
+@TRITON_ON_CPU
+def test_argmax_from_triton_group_maxima_is_torch_argmax():
+    """The same derivation from the Triton kernel's maxima (the CUDA path), NaN row included."""
+    from pipo.model.group_max import group_max_triton
+
+    z = argmax_cases(1000)
+    assert torch.equal(sampling._argmax_of_groups(z, 32, group_max_triton(z, 32, 256)), z.argmax(-1))
+
+
+def test_prefiltered_top_k_sampler_draws_the_whole_vocabulary_race(monkeypatch):
+    """`sample_rows` with every sampled row top-k'd, through the group prefilter (forced on CPU, groups of 8 over
+    300 ids: a ragged tail) draws the tokens of the whole-vocabulary race, greedy rows their argmax."""
+    params = [SamplingParams(1.0, 0.9, 5), SamplingParams(0.0), SamplingParams(1.0, 0.5, 8, 0.1),
+              SamplingParams(2.0, 0.95, 20), SamplingParams(0.0)]
+    rows, mode = row_params(params), SamplingMode.of(params)
+    whole = SamplingMode(mode.greedy, mode.penalty, mode.top_k, mode.top_p, mode.min_p, top_k_all=False)
+    torch.manual_seed(0)
+    logits, seeds = torch.randn(len(params), 300), torch.arange(len(params))
+    logits[4, 297] = 10.0  # a greedy row whose argmax sits in the ragged tail
+    monkeypatch.setattr(sampling, "top_k", functools.partial(top_k, group=8))
+    for counter in range(10):
+        noise = lambda columns, c=counter: row_uniforms_at(seeds, seeds * 3 + c, 1, columns)  # noqa: E731
+        fast = sample_rows(logits, rows, mode, noise)
+        assert fast.tolist() == sample_rows(logits, rows, whole, noise).tolist()
+        assert fast[1] == logits[1].argmax() and fast[4] == 297

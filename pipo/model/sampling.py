@@ -268,31 +268,58 @@ def row_logits(
 TOP_K_GROUP = 128
 
 
-def top_k(z: torch.Tensor, k: int, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.topk(z, k, dim=-1)` for rows `z` [B, V]: the k largest values, sorted descending, and their ids.
+def top_k(z: torch.Tensor, k: int, group: int | None = None, with_argmax: bool = False) -> tuple[torch.Tensor, ...]:
+    """`torch.topk(z, k, dim=-1)` for rows `z` [B, V]: the k largest values, sorted descending, and their ids;
+    `with_argmax` adds `z.argmax(-1)` (the greedy token) from the same read of the logits.
 
     Why: torch.topk over a 248K vocabulary at 256 rows takes ~7x an argmax. On GPU it runs a
-    prefilter instead: the max of each group of `group` consecutive logits (one pass at bandwidth),
-    the k groups with the largest maxima, then torch.topk over those k * group candidates (plus
-    the ragged tail past the last whole group). Every top-k element lies in such a group (a
-    group left out has k groups whose maxima are at least its own), so the values are
-    torch.topk's; among equal values the ids may differ, which torch.topk does not define either.
-    `group` forces a group size (0: plain torch.topk); by default the prefilter runs on CUDA when
-    a row holds at least 8 * k groups, so CPU results are torch.topk's bit for bit.
+    prefilter instead: the max of each group of `group` consecutive logits (`group_max`, one read),
+    the k groups with the largest maxima, then torch.topk over those groups' k * group logits.
+    Every top-k element lies in such a group (a group left out has k groups whose maxima are at
+    least its own), so the values are torch.topk's; among equal values the ids may differ, which
+    torch.topk does not define either. `group` forces a group size (0: plain torch.topk); by
+    default the prefilter runs on CUDA when a row holds at least 8 * k groups, so CPU results are
+    torch.topk's (and torch.argmax's) bit for bit.
     """
-    rows, width = z.shape
+    width = z.shape[-1]
     if group is None:
         group = TOP_K_GROUP if z.is_cuda and width >= 8 * k * TOP_K_GROUP else 0
-    if not group or width // group < k:
-        return torch.topk(z, k, dim=-1)
-    whole = width - width % group
-    maxima = z[:, :whole].reshape(rows, -1, group).amax(-1)
-    groups = torch.topk(maxima, k, dim=-1, sorted=False).indices
-    columns = (groups[:, :, None] * group + torch.arange(group, device=z.device)).flatten(1)
-    if whole < width:
-        columns = torch.cat([columns, torch.arange(whole, width, device=z.device).expand(rows, -1)], dim=1)
+    if not group or -(-width // group) <= k:
+        values, ids = torch.topk(z, k, dim=-1)
+        return (values, ids, z.argmax(-1)) if with_argmax else (values, ids)
+    from pipo.model.group_max import group_max  # lazily: it imports Triton
+
+    maxima = group_max(z, group)
+    values, ids = _top_k_of_groups(z, k, group, maxima)
+    return (values, ids, _argmax_of_groups(z, group, maxima)) if with_argmax else (values, ids)
+
+
+def _top_k_of_groups(z: torch.Tensor, k: int, group: int, maxima: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_k`'s result from the group maxima [B, G] (G > k): torch.topk over the k best groups' logits.
+
+    A ragged last group's slots past the vocabulary take the ids at the same offsets in the
+    (k+1)-th best group instead: real ids outside the chosen groups, whose logits are at most
+    every chosen group's maximum, so the values stay torch.topk's and the ids distinct and < V.
+    """
+    width = z.shape[-1]
+    best = torch.topk(maxima, k + 1, dim=-1).indices  # sorted: the last is a group no chosen one is below
+    offsets = torch.arange(group, device=z.device)
+    columns = best[:, :k, None] * group + offsets
+    if width % group:
+        columns = torch.where(columns < width, columns, best[:, k:, None] * group + offsets)
+    columns = columns.flatten(1)
     values, picked = torch.topk(z.gather(1, columns), k, dim=-1)
     return values, columns.gather(1, picked)
+
+
+def _argmax_of_groups(z: torch.Tensor, group: int, maxima: torch.Tensor) -> torch.Tensor:
+    """`z.argmax(-1)` exactly from the group maxima [B, G]: the first group holding the row's maximum
+    (argmax returns the first), then the first maximum inside it. A ragged last group's slots past the
+    vocabulary repeat its last logit, which comes before them, so they never win; NaN propagates through
+    the maxima, and argmax takes it as the largest value in both steps, as on the whole row."""
+    first = maxima.argmax(-1, keepdim=True)
+    columns = (first * group + torch.arange(group, device=z.device)).clamp_max(z.shape[-1] - 1)
+    return first[:, 0] * group + z.gather(1, columns).argmax(-1)
 
 
 def _nucleus_floor(values: torch.Tensor, params: RowParams) -> torch.Tensor:
@@ -340,11 +367,10 @@ def _sample_top_k(
     banned: torch.Tensor | None, seen: torch.Tensor | None,
 ) -> torch.Tensor:
     """`sample_rows` for batches whose sampled rows all have a top-k: every transform after the top-k
-    runs on the [B, mode.top_k] candidates, so the whole vocabulary is read by one top-k and one argmax."""
+    runs on the [B, mode.top_k] candidates, and the greedy argmax comes from the top-k's read of the logits."""
     z = _adjusted(logits, params, mode, banned, seen)
-    greedy = z.argmax(-1)
     k = min(mode.top_k, z.shape[-1])
-    values, columns = top_k(z, k)
+    values, columns, greedy = top_k(z, k, with_argmax=True)
     values = values.float() / _temperature(params)
     kth = values.gather(1, (params.top_k.clamp(1, k) - 1)[:, None])
     values = values.masked_fill(values < kth, float("-inf"))
