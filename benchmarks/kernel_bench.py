@@ -5,7 +5,10 @@ Gated delta rule, one decode token per row (default Qwen3.5-4B's linear attentio
 the floor), flash-linear-attention's fused recurrent kernel at its timed launch config (when installed), and
 our kernel (`pipo/engine/delta_decode.py`) at its timed config and at every config it tries.
 Top-k over bf16 logits [rows, vocab] (default 256 x 248,320, k = 32): torch.topk, `sampling.top_k`'s group
-prefilter at a few group sizes (its values checked equal to torch.topk's), and argmax (one read: the floor).
+prefilter at a few group sizes (its values checked equal to torch.topk's), and argmax (one read: the floor);
+the prefilter's group maxima alone, Triton (`pipo/model/group_max.py`, at a few logits-per-program blocks) against
+torch's reshape-amax; and the sampler's top-k plus greedy token (`_sample_top_k`'s read of the logits) before,
+torch group maxima then a separate argmax, and now, Triton group maxima with the argmax derived from them.
 Times from `triton.testing.do_bench` (median, L2 flushed). Run on a GPU, a few seconds:
 `python benchmarks/kernel_bench.py [--out kernels.json]`; prints a table, then one JSON line.
 """
@@ -15,11 +18,13 @@ import argparse
 import datetime
 import functools
 import json
+from unittest import mock
 
 import torch
 from triton.testing import do_bench
 
 from pipo.engine import delta_decode, kernels
+from pipo.model import group_max
 from pipo.model.sampling import TOP_K_GROUP, top_k
 
 
@@ -51,8 +56,9 @@ def delta_rule(rows: int, heads: int, v_heads: int, d: int) -> dict:
     return result
 
 
-def topk(rows: int, vocab: int, k: int, groups: list[int]) -> dict:
-    """us of torch.topk, `top_k` per group size, and argmax over bf16 logits; whether `top_k`'s values match."""
+def topk(rows: int, vocab: int, k: int, groups: list[int], blocks: list[int]) -> dict:
+    """us of torch.topk, `top_k` per group size, and argmax over bf16 logits; whether `top_k`'s values match;
+    the group maxima and the sampler's read (`group_maxima`, `sampler_read`)."""
     logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
     expected = torch.topk(logits, k, dim=-1).values
     result = {"logit_bytes": logits.numel() * 2, "argmax_us": micros(lambda: logits.argmax(-1)),
@@ -62,7 +68,34 @@ def topk(rows: int, vocab: int, k: int, groups: list[int]) -> dict:
         result["top_k_us_by_group"][group] = micros(lambda g=group: top_k(logits, k, g))
         result["top_k_values_equal"] &= torch.equal(top_k(logits, k, group)[0], expected)
     result["top_k_us"] = result["top_k_us_by_group"].get(TOP_K_GROUP) or micros(lambda: top_k(logits, k))
+    result.update(group_maxima(logits, blocks))
+    result.update(sampler_read(logits, k))
     return result
+
+
+def group_maxima(logits: torch.Tensor, blocks: list[int]) -> dict:
+    """us of the prefilter's group maxima (groups of TOP_K_GROUP): torch's reshape-amax, Triton per block size."""
+    expected = group_max.group_max_torch(logits, TOP_K_GROUP)
+    result = {"group_max_torch_us": micros(lambda: group_max.group_max_torch(logits, TOP_K_GROUP)),
+              "group_max_us": micros(lambda: group_max.group_max(logits, TOP_K_GROUP)),
+              "group_max_us_by_block": {}, "group_max_equal": True}
+    for block in blocks:
+        run = functools.partial(group_max.group_max_triton, logits, TOP_K_GROUP, block)
+        result["group_max_us_by_block"][block] = micros(run)
+        result["group_max_equal"] &= torch.equal(run(), expected)
+    return result
+
+
+def sampler_read(logits: torch.Tensor, k: int) -> dict:
+    """us of `_sample_top_k`'s top-k and greedy token: before (torch group maxima, then argmax) and now."""
+    def before() -> tuple[torch.Tensor, ...]:
+        return *top_k(logits, k), logits.argmax(-1)
+
+    with mock.patch.object(group_max, "group_max", group_max.group_max_torch):
+        before_us, expected = micros(before), before()
+    now = top_k(logits, k, with_argmax=True)
+    return {"sampler_before_us": before_us, "sampler_us": micros(lambda: top_k(logits, k, with_argmax=True)),
+            "sampler_equal": all(torch.equal(a, b) for a, b in zip(now, expected))}
 
 
 def rate(nbytes: int, us: float) -> str:
@@ -88,6 +121,18 @@ def report(delta: dict, tops: dict) -> None:
         print(f"top-k       top_k group {group:<13} {rate(logit_bytes, us)}  {us / tops['argmax_us']:.2f}x argmax, "
               f"{tops['torch_topk_us'] / us:.2f}x faster than torch.topk")
     print(f"top-k       values equal torch.topk's: {tops['top_k_values_equal']}")
+    print(f"group max   torch reshape-amax        {rate(logit_bytes, tops['group_max_torch_us'])}  "
+          f"{tops['group_max_torch_us'] / tops['argmax_us']:.2f}x argmax")
+    print(f"group max   triton                    {rate(logit_bytes, tops['group_max_us'])}  "
+          f"{tops['group_max_us'] / tops['argmax_us']:.2f}x argmax, "
+          f"{tops['group_max_torch_us'] / tops['group_max_us']:.2f}x faster than torch")
+    for block, us in tops["group_max_us_by_block"].items():
+        print(f"            triton block {block:<12} {rate(logit_bytes, us)}")
+    print(f"group max   equal torch's: {tops['group_max_equal']}")
+    print(f"sampler     before: top_k + argmax    {rate(logit_bytes, tops['sampler_before_us'])}")
+    print(f"sampler     top_k(with_argmax)        {rate(logit_bytes, tops['sampler_us'])}  "
+          f"{tops['sampler_before_us'] / tops['sampler_us']:.2f}x faster than before")
+    print(f"sampler     values, ids and greedy equal before's: {tops['sampler_equal']}")
 
 
 def main() -> None:
@@ -99,11 +144,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=248320)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--groups", default="32,64,128,256,512", help="group sizes of top_k's prefilter to time")
+    parser.add_argument("--blocks", default="2048,4096,8192,16384",
+                        help="logits per Triton program of the group maxima to time")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     delta = delta_rule(args.rows, args.heads, args.v_heads, args.head_dim)
-    tops = topk(args.rows, args.vocab, args.k, [int(g) for g in args.groups.split(",")])
+    tops = topk(args.rows, args.vocab, args.k, [int(g) for g in args.groups.split(",")],
+                [int(b) for b in args.blocks.split(",")])
     report(delta, tops)
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "args": vars(args), "delta_rule": delta, "top_k": tops}

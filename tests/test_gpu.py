@@ -2,7 +2,8 @@
 
 The Triton flash-decode kernel against SDPA at real head sizes in bf16, CUDA-graph decoding
 against eager decoding on the same GPU (regular and PIPO, greedy and sampled), and
-flash-linear-attention's gated delta rule and our decode-step kernel against the PyTorch path the CPU runs.
+flash-linear-attention's gated delta rule and our decode-step kernel against the PyTorch path the CPU runs,
+the sampler's group-max kernel and prefiltered top-k against torch.
 """
 from __future__ import annotations
 
@@ -131,3 +132,26 @@ def test_delta_decode_kernel_matches_fla_and_torch(monkeypatch):
         fla_out = kernels._fla_recurrent(kernels.fla_ops()[1], q, k, v, g, beta, fla_state, fla_state)
         torch.testing.assert_close(out.float(), fla_out.float(), atol=1e-2, rtol=1e-2, msg="output vs fla")
         torch.testing.assert_close(state, fla_state, atol=1e-5, rtol=1e-5, msg="state vs fla")
+
+
+def test_group_max_kernel_and_prefiltered_top_k_match_torch():
+    """The sampler's top-k on a GPU at a real vocabulary (plus a ragged tail): the compiled group-max kernel
+    equals torch's maxima bit for bit (-inf row, NaN), the default top-k (the prefilter) returns torch.topk's
+    values, and its derived greedy token is torch.argmax's (ties across groups, the tail, NaN)."""
+    from pipo.model.group_max import group_max, group_max_torch
+    from pipo.model.sampling import TOP_K_GROUP, top_k
+
+    torch.manual_seed(0)
+    z = torch.randn(8, 248_320 + 77, device="cuda").to(torch.bfloat16)
+    z[1] = float("-inf")
+    z[2, [5, 99_999]] = float("nan")
+    z[3, -1] = 50.0  # the maximum in the ragged tail
+    z[4, [10, 200_000]] = 50.0  # the same maximum in two groups
+    for dtype in (torch.bfloat16, torch.float32):
+        for group in (TOP_K_GROUP, 100):
+            torch.testing.assert_close(group_max(z.to(dtype), group), group_max_torch(z.to(dtype), group), rtol=0,
+                                       atol=0, equal_nan=True, msg=f"{dtype}, groups of {group}")
+    values, ids, greedy = top_k(z, 32, with_argmax=True)
+    torch.testing.assert_close(values, torch.topk(z, 32, dim=-1).values, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(greedy, z.argmax(-1)) and greedy[3] == z.shape[1] - 1 and greedy[4] == 10
+    assert ids.max() < z.shape[1] and (ids.sort(-1).values.diff(dim=-1) > 0).all()
