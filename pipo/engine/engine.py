@@ -99,10 +99,6 @@ def slot_state_bytes(parts: ModelParts, method: str, eagle_k: int, dtype: torch.
     return linear + vocab
 
 
-# positions of one prefill forward by default: 4 x 2048-token prompts of activations (2.5 GB at Qwen3.5-4B's shape)
-PREFILL_TOKENS = 8192
-
-
 class Engine:
     """One model, one decoding method, paged KV memory shared by up to `max_batch_size` running sequences.
 
@@ -116,11 +112,10 @@ class Engine:
     `max_seq_len` bounds one sequence (prompt + completion); `num_blocks` blocks of
     `block_size` positions hold every sequence's KV (default: on CUDA what
     `gpu_memory_utilization` of the device leaves, on CPU enough for every slot at `max_seq_len`).
-    Prompts prefill in chunks of up to `prefill_chunk` positions, up to `prefill_rows` (8) in one forward
-    of up to `max_prefill_tokens` positions (padded; default `PREFILL_TOKENS`), so several prompts share a
-    forward: a forward's host cost hardly grows with its rows (one 1.4K-token prompt is host-bound on a GPU),
-    and prefill attention holds no mask, so a larger forward costs only its activations. PIPO's positions are
-    pairs: its prompts are half as long, so 8 rows, not the budget, bound its forwards.
+    Prompts prefill in chunks of up to `prefill_chunk` positions, up to `prefill_rows` in one forward
+    of up to `max_prefill_tokens` tokens (padded); the budget defaults to `prefill_rows` full chunks
+    (4 x 2048), so several prompts share a forward: one 1.4K-token prompt is host-bound on a GPU, and
+    prefill attention holds no mask, so a larger forward costs only its activations.
     """
 
     def __init__(
@@ -139,7 +134,7 @@ class Engine:
         prefix_cache_size: int = 8,
         prefill_chunk: int = 2048,
         max_prefill_tokens: int | None = None,
-        prefill_rows: int = 8,
+        prefill_rows: int = 4,
         block_size: int = 32,
         num_blocks: int | None = None,
         gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization,
@@ -172,7 +167,7 @@ class Engine:
         )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.prefill_chunk, self.prefill_rows = prefill_chunk, prefill_rows
-        self.max_prefill_tokens = max_prefill_tokens or max(PREFILL_TOKENS, prefill_chunk)
+        self.max_prefill_tokens = max_prefill_tokens or prefill_rows * prefill_chunk
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         compile_layers = self.device.type == "cuda" if compile_layers is None else compile_layers
         fuse_projections = self.device.type == "cuda" if fuse_projections is None else fuse_projections
