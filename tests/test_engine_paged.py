@@ -112,6 +112,11 @@ def test_fused_projections_are_exact_and_follow_in_place_updates(pipo_model):
     again = Engine(model, "pipo", eos_token_ids=EOS, fuse_projections=True, **TIGHT)
     assert [w.inputs.data_ptr() for w in again.decoder.backbone.weights] == [
         w.inputs.data_ptr() for w in engine.decoder.backbone.weights]
+    model.double()  # `.to` replaces every weight: the next engine fuses the new ones
+    moved = Engine(model, "pipo", eos_token_ids=EOS, fuse_projections=True, dtype=torch.float64, **TIGHT)
+    first = moved.decoder.backbone.weights[linear]
+    assert first.inputs.dtype == torch.float64
+    assert layers[linear].linear_attn.in_proj_qkv.weight.data_ptr() == first.inputs.data_ptr()
 
 
 @pytest.mark.parametrize("method", ["regular", "mtp", "eagle", "pipo"])
