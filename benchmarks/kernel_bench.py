@@ -7,8 +7,10 @@ our kernel (`pipo/engine/delta_decode.py`) at its timed config and at every conf
 Top-k over bf16 logits [rows, vocab] (default 256 x 248,320, k = 32): torch.topk, `sampling.top_k`'s group
 prefilter at a few group sizes (its values checked equal to torch.topk's), and argmax (one read: the floor);
 the prefilter's group maxima alone, Triton (`pipo/model/group_max.py`, at a few logits-per-program blocks) against
-torch's reshape-amax; and the sampler's top-k plus greedy token (`_sample_top_k`'s read of the logits) before,
-torch group maxima then a separate argmax, and now, Triton group maxima with the argmax derived from them.
+torch's reshape-amax; and the sampler's top-k plus greedy token (`_sample_top_k`'s read of the logits) "before",
+today's `top_k` with torch's group maxima plus a separate argmax (close to, not exactly, the code before the
+Triton maxima), and now, Triton group maxima with the argmax derived from them. Since the Triton maxima,
+`top_k_us_by_group` times them too: compare it with older JSON results only knowing that.
 Times from `triton.testing.do_bench` (median, L2 flushed). Run on a GPU, a few seconds:
 `python benchmarks/kernel_bench.py [--out kernels.json]`; prints a table, then one JSON line.
 """

@@ -119,6 +119,34 @@ def test_fused_projections_are_exact_and_follow_in_place_updates(pipo_model):
     assert layers[linear].linear_attn.in_proj_qkv.weight.data_ptr() == first.inputs.data_ptr()
 
 
+def test_projections_are_fused_only_where_updates_still_reach_them():
+    """`fuse_weights` leaves alone what it cannot alias safely: a weight inside someone else's flat buffer (a
+    trainer's), a tied weight, a module with a hook; weights fused already are reused; an engine built in
+    inference mode leaves trainable parameters."""
+    from torch import nn
+
+    from pipo.engine.stack import fuse_weights
+
+    def pair() -> list[nn.Linear]:
+        return [nn.Linear(4, 3, bias=False), nn.Linear(4, 2, bias=False)]
+
+    flat, inside = torch.randn(40), pair()
+    inside[0].weight.data, inside[1].weight.data = flat[4:16].view(3, 4), flat[16:24].view(2, 4)
+    tied = pair()[:1] * 2
+    hooked = pair()
+    hooked[1].register_forward_pre_hook(lambda *args: None)
+    assert fuse_weights(inside) is None and fuse_weights(tied) is None and fuse_weights(hooked) is None
+    assert inside[0].weight.data_ptr() == flat[4:].data_ptr()  # untouched: the buffer's updates still reach it
+    fresh = pair()
+    expected = torch.cat([m.weight.detach().clone() for m in fresh])
+    with torch.inference_mode():
+        fused = fuse_weights(fresh)
+    assert torch.equal(fused, expected) and fuse_weights(fresh).data_ptr() == fused.data_ptr()
+    x = torch.randn(2, 4)
+    fresh[1](x).sum().backward()  # still an ordinary parameter
+    assert fresh[1].weight.grad is not None and not fresh[1].weight.is_inference()
+
+
 @pytest.mark.parametrize("method", ["regular", "mtp", "eagle", "pipo"])
 def test_sampling_depends_only_on_the_seed(pipo_model, qwen_regular, method):
     """Sampled tokens are the same alone, in a batch, and preempted and recomputed."""

@@ -53,7 +53,9 @@ if triton is not None:
             if HAS_BIAS:
                 acc += bias
             tl.store(Y + (b * T + t) * C + c, (acc * tl.sigmoid(acc)).to(Y.dtype.element_ty), mask=c_ok)
-        # the last K-1 window rows become the history (every load above is done: in place is safe)
+        # the last K-1 window rows become the history, in place: row r-T is stored by the threads that hold row r,
+        # which need not be those that loaded it, so every thread's loads finish first
+        tl.debug_barrier()
         kept = (r >= T) & (r < T + K - 1)
         tl.store(HIST + b * hist_row + (r - T)[:, None] * C + c[None, :], window, mask=kept[:, None] & c_ok[None, :])
 

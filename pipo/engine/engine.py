@@ -107,8 +107,9 @@ class Engine:
     Loaded models are moved to `device`/`dtype` in place. On CUDA, decode steps are
     graph-captured (`cuda_graphs`) and the layers' small ops compiled inside the graphs (`compile_layers`), and
     each layer's projections of one input run as one GEMM (`fuse_projections`: the modules' weights become views
-    of one tensor per group, so in-place updates still reach the engine; off for a model whose parameters a
-    trainer rebinds, as OPD's `RolloutEngine` does).
+    of one tensor per group, so in-place updates still reach the engine; weights rebound later, by `.to()`,
+    `load_state_dict(assign=True)` or a trainer, and modules wrapped later, as PEFT does, are not seen by an
+    engine built before: OPD's `RolloutEngine`, which rebinds every parameter, turns it off).
     `max_seq_len` bounds one sequence (prompt + completion); `num_blocks` blocks of
     `block_size` positions hold every sequence's KV (default: on CUDA what
     `gpu_memory_utilization` of the device leaves, on CPU enough for every slot at `max_seq_len`).

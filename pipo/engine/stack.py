@@ -3,8 +3,9 @@
 The engine cannot use Hugging Face's `DynamicCache`: continuous batching needs one
 state row per running sequence, CUDA graphs need fixed addresses, and EAGLE verification
 must roll linear-attention states back to any accepted prefix. So this module reuses the
-HF modules' weights and projection submodules but writes its own attention and
-gated-delta-rule steps against preallocated buffers:
+HF modules' weights and submodules (norms, output projections; the input projections of one
+input as one GEMM over their fused weight where `fuse_weights` allows) but writes its own
+attention and gated-delta-rule steps against preallocated buffers:
 
 - full attention: K/V pools `[num_blocks, kv_heads, block_size, head_dim]`; position p of the
   sequence in slot s lives in block `tables[s, p // block_size]` at offset `p % block_size`
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -115,45 +115,67 @@ def mlp_projections(layer: nn.Module) -> list[nn.Module]:
 
 
 def fuse_weights(modules: list[nn.Module]) -> torch.Tensor | None:
-    """One weight [sum of N, K] for bias-free `nn.Linear` `modules` of one input, each module's weight becoming a
-    view of its rows, so that in-place updates of either are seen by both; None (nothing changed) for other
-    modules (a PEFT LoRA layer, a bias).
+    """One weight [sum of N, K] for the projections `modules` of one input, each module's weight a view of its
+    rows, so that in-place updates of either are seen by both; None (nothing changed) when they cannot be fused.
 
     Why: at 256 rows a decode step's small projections run far below the GEMM's peak (an H200, Qwen3.5-4B
     shapes: linear attention's four input projections 37 us apart, 25 us as one; attention's q, k, v 31 us
-    apart, 22 us as one).
+    apart, 22 us as one). Weights already fused (by an earlier engine over the same model) are reused. Only
+    plain bias-free `nn.Linear` modules without hooks whose weights own their memory are fused: not a PEFT
+    LoRA layer, a weight tied to another, or one inside a trainer's flat buffer (DeepSpeed ZeRO, FSDP), whose
+    updates would no longer reach the module.
     """
-    if len(modules) < 2 or any(type(m) is not nn.Linear or m.bias is not None for m in modules):
+    weights = [m.weight for m in modules]
+    if len(modules) < 2 or len({id(w) for w in weights}) < len(weights) or not all(map(_plain_linear, modules)):
         return None
-    fused = torch.cat([m.weight.detach() for m in modules])
+    fused = _fused_view(weights)
+    if fused is not None:
+        return fused
+    if not all(_owns_memory(w) for w in weights):
+        return None
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, even when the engine is built in inference mode
+        fused = torch.cat([w.detach() for w in weights])
     start = 0
-    for m in modules:
-        m.weight.data = fused[start : start + m.out_features]
-        start += m.out_features
+    for w in weights:
+        w.data = fused[start : start + w.shape[0]]
+        start += w.shape[0]
     return fused
 
 
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its LayerWeights, while they hold
+def _plain_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` (not a subclass or wrapper) without bias or hooks: its output is `F.linear(x, weight)`."""
+    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks)
+
+
+def _owns_memory(weight: torch.Tensor) -> bool:
+    """Whether `weight` is the whole of its storage (a view into a larger buffer belongs to someone else)."""
+    return weight.storage_offset() == 0 and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
+
+
+def _fused_view(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The fused weight that `weights` are consecutive rows of, covering its whole storage (what `fuse_weights`
+    made), rebuilt as a view of that storage; None when they are not. Nothing holds fused weights but the
+    modules' own views: a model moved or reloaded leaves no stale copy behind."""
+    first = weights[0]
+    storage, offset = first.untyped_storage(), 0
+    for w in weights:
+        if (w.untyped_storage().data_ptr() != storage.data_ptr() or w.storage_offset() != offset
+                or not w.is_contiguous() or w.shape[1:] != first.shape[1:] or w.dtype != first.dtype):
+            return None
+        offset += w.numel()
+    if offset * first.element_size() != storage.nbytes():
+        return None
+    rows = sum(w.shape[0] for w in weights)
+    return first.new_empty(0).set_(storage, 0, (rows, *first.shape[1:]))
 
 
 def fuse_projections(layer: nn.Module) -> LayerWeights:
-    """The layer's fused projection weights: made once per layer and reused by every later stack over it while the
-    modules' weights are still their views (a second engine over the same model shares them)."""
-    groups = (input_projections(layer), mlp_projections(layer))
-    known = _FUSED.get(layer)
-    if known is None or not all(_are_views(w, m) for w, m in zip(known, groups) if w is not None):
-        known = _FUSED[layer] = LayerWeights(*(fuse_weights(m) for m in groups))
-    return known
-
-
-def _are_views(fused: torch.Tensor, modules: list[nn.Module]) -> bool:
-    """Whether the modules' weights are still consecutive rows of `fused` (a `.to()` or a rebinding replaces them)."""
-    start = 0
-    for m in modules:
-        if m.weight.data_ptr() != fused[start].data_ptr() or m.weight.shape[0] != m.out_features:
-            return False
-        start += m.out_features
-    return start == fused.shape[0]
+    """The layer's fused projection weights (its input projections; the MLP's gate and up when the MLP's forward
+    is the plain gated form `down(act(gate) * up)` that `_mlp_block` computes)."""
+    mlp = layer.mlp
+    gated = not mlp._forward_hooks and not mlp._forward_pre_hooks
+    return LayerWeights(fuse_weights(input_projections(layer)), fuse_weights(mlp_projections(layer)) if gated else None)
 
 
 def _projections(x: torch.Tensor, modules: list[nn.Module], fused: torch.Tensor | None) -> list[torch.Tensor]:
