@@ -26,6 +26,7 @@ or memory-efficient kernel and only one row's keys are gathered at a time.
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -40,18 +41,10 @@ from pipo.engine import kernels
 from pipo.engine.graphs import capturing
 
 
-def flash_decode():
-    """The Triton decode kernel's module, imported on first use on a CUDA tensor: importing Triton costs ~1 s."""
-    from pipo.engine import flash_decode as module
-
-    return module
-
-
-def conv_decode():
-    """The Triton conv-step kernel's module, imported on first use like `flash_decode`."""
-    from pipo.engine import conv_decode as module
-
-    return module
+def kernel_module(name: str):
+    """A Triton kernel module of `pipo.engine` (`flash_decode`, `conv_decode`), imported on first use on a CUDA
+    tensor: importing Triton costs ~1 s."""
+    return importlib.import_module(f"pipo.engine.{name}")
 
 
 @dataclass
@@ -478,8 +471,9 @@ class PagedStack:
         # grouped-query attention without repeating K/V: each KV head's query group becomes extra query rows
         kv_heads = state.k.shape[1]
         q = q.reshape(batch, kv_heads, -1, d)
-        if q.is_cuda and flash_decode().available(q, bs):
-            out = flash_decode().paged_decode_attention(q, state.k, state.v, tables, positions, attn.scaling)
+        paged = kernel_module("flash_decode") if q.is_cuda else None
+        if paged is not None and paged.available(q, bs):
+            out = paged.paged_decode_attention(q, state.k, state.v, tables, positions, attn.scaling)
         else:
             used = tables[:, : -(-kv_len // bs)]
             k_cache = state.k[used].transpose(1, 2).reshape(batch, kv_heads, -1, d)
@@ -505,8 +499,9 @@ class PagedStack:
         token when recording). Decode steps of a row range on GPU run one Triton kernel that updates the
         history in place (`conv_decode`); the rest the torch segment `linear_conv` and writes the history."""
         mod = layer.linear_attn
-        if recurrent and not record and isinstance(rows, slice) and mixed.is_cuda and conv_decode().available(mixed):
-            conv = conv_decode().conv_step(mixed, state.conv[rows], mod.conv1d.weight, mod.conv1d.bias)
+        kernel = kernel_module("conv_decode") if mixed.is_cuda and recurrent and not record else None
+        if kernel is not None and isinstance(rows, slice) and kernel.available(mixed):
+            conv = kernel.conv_step(mixed, state.conv[rows], mod.conv1d.weight, mod.conv1d.bias)
             return conv_heads(mod, conv)
         q, k, v, window = linear_conv(layer, mixed, state.conv[rows])
         steps, history = mixed.shape[1], state.conv.shape[1]
