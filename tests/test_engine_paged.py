@@ -55,7 +55,6 @@ def test_regular_methods_exact_under_preemption(qwen_regular, method):
     else:
         expected = [generate_regular_reference(model, p, NEW, GREEDY, EOS).token_ids for p in PROMPTS]
     engine = tight_engine(path, method)
-    engine.decoder.prefill_multiple = 3  # prefill widths padded as on CUDA (there to multiples of 64)
     out = engine.generate(PROMPTS, GREEDY, max_new_tokens=NEW, n=2)
     assert [[c.token_ids for c in row] for row in out] == [[e, e] for e in expected]
     assert engine.metrics["preemptions"] > 0
@@ -71,7 +70,6 @@ def test_pipo_exact_under_preemption(pipo_model, tau):
         model.confidence_head.fc2.weight.normal_(0, 2.0)
     expected = [generate_pipo_reference(model, p, NEW, GREEDY, tau, EOS) for p in PROMPTS]
     engine = tight_engine(model, "pipo", spare=1, conf_threshold=tau)  # pairs: half the blocks
-    engine.decoder.prefill_multiple = 3  # prefill widths padded as on CUDA (there to multiples of 64)
     out = engine.generate(PROMPTS, GREEDY, max_new_tokens=NEW, n=2)
     assert [[c.raw_ids for c in row] for row in out] == [[r.raw_ids, r.raw_ids] for r in expected]
     assert engine.metrics["preemptions"] > 0
@@ -317,32 +315,63 @@ def test_paged_triton_kernel_matches_sdpa(steps, group, block_size, sms):
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_prefill_attention_matches_masked_sdpa(kv_heads):
-    """Row-by-row prefill attention (no mask, one row's keys at a time) against SDPA with an explicit mask over
-    each row's gathered blocks: rows that start their sequence, rows after cached keys (mid-block, at a block
-    boundary), different lengths padded to one width, 4 query heads over fewer K/V heads."""
+    """Prefill attention over packed sequences (no mask, one sequence's keys at a time) against SDPA with an
+    explicit mask over each sequence's gathered blocks: sequences that start at position 0 and after cached keys
+    (mid-block, at a block boundary), different lengths, 4 query heads over fewer K/V heads."""
     from pipo.engine.stack import Spans, prefill_attention
 
     torch.manual_seed(0)
-    heads, d, bs, width = 4, 8, 4, 6
-    starts, counts = (0, 5, 8, 0), (6, 3, 6, 2)
+    heads, d, bs = 4, 8, 4
+    starts, counts, offsets = (0, 5, 8, 0), (6, 3, 6, 2), (0, 6, 9, 15, 17)
     pool_k, pool_v = torch.randn(2, 12, kv_heads, bs, d).unbind(0)  # keys before `starts` are what the pool holds
     tables = torch.tensor([[3, 7, 0, 0], [5, 2, 0, 0], [1, 4, 6, 11], [8, 0, 0, 0]])
-    q = torch.randn(4, width, heads, d).transpose(1, 2)  # the layout attention_inputs yields
-    k, v = torch.randn(2, 4, width, kv_heads, d).transpose(2, 3).unbind(0)
-    positions = torch.tensor(starts)[:, None] + torch.arange(width)
-    valid = torch.arange(width)[None] < torch.tensor(counts)[:, None]
-    blocks = tables.gather(1, positions // bs) * valid  # padding writes to the sink block 0, as in _attention
-    pool_k[blocks, :, positions % bs] = k.transpose(1, 2)
-    pool_v[blocks, :, positions % bs] = v.transpose(1, 2)
-    out = prefill_attention(q, k, v, pool_k, pool_v, tables, Spans(starts, counts, torch.tensor(counts), max(counts)), d**-0.5)
-    for i, (start, count) in enumerate(zip(starts, counts)):
+    q = torch.randn(1, offsets[-1], heads, d).transpose(1, 2)  # the layout attention_inputs yields
+    k, v = torch.randn(2, 1, offsets[-1], kv_heads, d).transpose(2, 3).unbind(0)
+    sequence = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    positions = torch.cat([torch.arange(start, start + count) for start, count in zip(starts, counts)])
+    blocks = tables[sequence, positions // bs]  # as _attention writes a packed prefill's keys
+    pool_k[blocks, :, positions % bs] = k[0].transpose(0, 1)
+    pool_v[blocks, :, positions % bs] = v[0].transpose(0, 1)
+    spans = Spans(starts, counts, offsets, torch.tensor(offsets), sequence)
+    out = prefill_attention(q, k, v, pool_k, pool_v, tables, spans, d**-0.5)
+    for i in range(len(starts)):
+        new = slice(offsets[i], offsets[i + 1])
         keys = pool_k[tables[i]].transpose(0, 1).reshape(kv_heads, -1, d).repeat_interleave(heads // kv_heads, 0)
         values = pool_v[tables[i]].transpose(0, 1).reshape(kv_heads, -1, d).repeat_interleave(heads // kv_heads, 0)
-        mask = torch.arange(keys.shape[1])[None] <= positions[i, :count, None]
-        expected = torch.nn.functional.scaled_dot_product_attention(q[i, :, :count], keys, values, attn_mask=mask,
+        mask = torch.arange(keys.shape[1])[None] <= positions[new, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(q[0, :, new], keys, values, attn_mask=mask,
                                                                     scale=d**-0.5)
-        torch.testing.assert_close(out[i, :, :count], expected, atol=1e-5, rtol=1e-5)
-        assert not out[i, :, count:].any()  # padding
+        torch.testing.assert_close(out[0, :, new], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_conv_matches_each_sequences_own_conv(bias):
+    """The packed prefill's causal conv (gathered windows over the sequences' histories and inputs) against
+    conv1d + SiLU over each sequence's history and inputs on its own, and the new histories against their last
+    K-1 inputs: sequences shorter than the history, of one input, and longer."""
+    from types import SimpleNamespace
+
+    from pipo.engine.stack import Spans, conv_indices, packed_conv
+
+    torch.manual_seed(0)
+    taps, heads, dim = 4, 2, 3
+    channels = 3 * heads * dim
+    conv1d = torch.nn.Conv1d(channels, channels, taps, groups=channels, bias=bias)
+    mod = SimpleNamespace(conv1d=conv1d, key_dim=heads * dim, value_dim=heads * dim, head_k_dim=dim, head_v_dim=dim)
+    counts = (5, 1, 2, 9)
+    offsets = tuple(sum(counts[:i]) for i in range(len(counts) + 1))
+    sequence = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    spans = Spans((0,) * len(counts), counts, offsets, torch.tensor(offsets), sequence)
+    history = torch.randn(len(counts), taps - 1, channels)
+    mixed = torch.randn(1, offsets[-1], channels)
+    with torch.no_grad():
+        q, k, v, kept = packed_conv(SimpleNamespace(linear_attn=mod), mixed, history, *conv_indices(spans, taps - 1))
+        for i, count in enumerate(counts):
+            window = torch.cat([history[i], mixed[0, offsets[i] : offsets[i + 1]]])  # [K-1+T, C]
+            expected = torch.nn.functional.silu(conv1d(window.t()[None]))[0].t()  # [T, C]
+            got = torch.cat([t[0, offsets[i] : offsets[i + 1]].flatten(1) for t in (q, k, v)], dim=1)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(kept[i], window[-(taps - 1):])
 
 
 def test_counter_based_draws_keep_the_laws():

@@ -106,6 +106,25 @@ def test_fla_chunk_delta_rule_matches_torch():
     torch.testing.assert_close(state.cpu(), ref_state, atol=5e-3, rtol=5e-3, msg="fla chunk final state")
 
 
+def test_fla_packed_chunk_delta_rule_matches_torch_per_sequence():
+    """A packed prefill's variable-length chunked rule (fla, one row of 3 sequences with their own states) against
+    the PyTorch path run on each sequence alone."""
+    pytest.importorskip("fla")
+    from pipo.engine import kernels
+
+    torch.manual_seed(0)
+    offsets = (0, 150, 151, 230)  # ragged chunks, a one-token sequence
+    q, k, v, g, beta, _ = _delta_inputs(1, offsets[-1], 2, 4, 128, 128)
+    state = _delta_inputs(3, 1, 2, 4, 128, 128)[-1]
+    ref_state = state.to("cpu", copy=True)
+    out = kernels.chunk_delta_rule(q, k, v, g, beta, state, offsets, torch.tensor(offsets, device="cuda"))
+    for i, (a, b) in enumerate(zip(offsets, offsets[1:])):
+        piece = (t[:, a:b].to("cpu", copy=True) for t in (q, k, v, g, beta))
+        expected = kernels.chunk_delta_rule(*piece, ref_state[i : i + 1])
+        torch.testing.assert_close(out[:, a:b].float().cpu(), expected.float(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(state.cpu(), ref_state, atol=5e-3, rtol=5e-3, msg="fla packed final states")
+
+
 def test_delta_decode_kernel_matches_fla_and_torch(monkeypatch):
     """The decode step's Triton kernel (what `recurrent_delta_rule` runs for one token per row on a GPU) at the
     real shape, 256 rows: against the PyTorch path on CPU, with every launch config, and against fla's kernel."""

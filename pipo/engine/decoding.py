@@ -17,6 +17,7 @@ draw of the step), so a sequence's tokens do not depend on its batch, slot or pr
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -40,9 +41,7 @@ from pipo.model.sampling import (
 )
 
 
-# On CUDA a prefill forward's length is padded to a multiple of this (fla's chunk size): Triton specialises
-# kernels on whether a length divides by 16, and a length of a new kind compiled (and autotuned) mid-run
-PREFILL_WIDTH_MULTIPLE = 64
+WARM_LENGTH = 64  # positions per row of the warm-up prefills (fla's chunk size)
 
 
 class PrefillChunk(NamedTuple):
@@ -85,7 +84,6 @@ class Decoder:
         param = next(base.parameters())
         self.device = param.device
         self.capacity = self.capacity_probe(max_seq_len, config)
-        self.prefill_multiple = PREFILL_WIDTH_MULTIPLE if self.device.type == "cuda" else 1  # prefill width rounding
         self.block_size = config.block_size
         self.max_blocks = -(-self.capacity // self.block_size)
         self.tables = torch.zeros(slots, self.max_blocks, dtype=torch.long, device=self.device)
@@ -332,61 +330,70 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, chunks: list[PrefillChunk]) -> None:
         """Run the backbone over positions `lo..hi-1` of each chunk's `units` (earlier ones are in the cache),
-        every chunk in one forward: padded on the right to the longest, rows by index.
+        every chunk in one forward: packed end to end in one row (`Spans`), rows by index.
 
         With an MTP head, its cache gets the gold entries too: entry i takes the first token
         of position i+1 and the backbone hidden h_i (entries lo-1 .. hi-2; the last chunk's
         entry hi-1 is written by `first` or the next chunk).
         """
-        w, n = self.unit_width, len(chunks)
+        w = self.unit_width
         rows = self.to_device([c.row for c in chunks])
         spans = self._spans([c.lo for c in chunks], [c.hi - c.lo for c in chunks])
-        ids = self._padded([c.units[c.lo * w : c.hi * w] for c in chunks], spans.width * w)
+        ids = self.to_device([[t for c in chunks for t in c.units[c.lo * w : c.hi * w]]])
         hidden = self.backbone.forward(self.inputs(ids), rows, self._positions(spans), prefill=spans)
         if self.mtp is not None:
             self._prefill_mtp(chunks, rows, hidden)
-        self.h_last[rows] = hidden[torch.arange(n, device=self.device), spans.lengths - 1]
+        self.h_last[rows] = hidden[0, spans.cu_seqlens[1:] - 1]
         self.lengths[rows] = self.to_device([c.hi for c in chunks])
 
     def _prefill_mtp(self, chunks: list[PrefillChunk], rows: torch.Tensor, hidden: torch.Tensor) -> None:
-        """The MTP cache entries of a prefill forward: per chunk, entries first..hi-2 with first = max(lo-1, 0),
-        fed (first token of position i+1, h_i); h_{lo-1} is the row's last hidden of the previous chunk."""
-        w = self.unit_width
-        firsts = [max(c.lo - 1, 0) for c in chunks]
-        counts = [c.hi - 1 - f for c, f in zip(chunks, firsts)]
-        if max(counts) <= 0:
+        """The MTP cache entries of a prefill forward (hidden [1, N, H], packed as the chunks): per chunk, entries
+        first..hi-2 with first = max(lo-1, 0), fed (first token of position i+1, h_i); h_{lo-1} is the row's
+        last hidden of the previous chunk. A chunk without entries (a prompt's first chunk of one position) is
+        left out."""
+        w, n = self.unit_width, len(chunks)
+        kept, sources, offset = [], [], 0  # sources: rows of [h_last of the chunks' rows; the packed hiddens]
+        for i, c in enumerate(chunks):
+            if c.hi - 1 > max(c.lo - 1, 0):
+                kept.append(i)
+                sources += ([i] if c.lo else []) + list(range(n + offset, n + offset + c.hi - 1 - c.lo))
+            offset += c.hi - c.lo
+        if not kept:
             return
-        spans = self._spans(firsts, counts)
-        gold = self._padded([c.units[(f + 1) * w : c.hi * w : w] for c, f in zip(chunks, firsts)], spans.width)
-        with_last = torch.cat([self.h_last[rows][:, None], hidden], dim=1)  # [n, 1 + T, H]
-        starts = self.to_device([0 if c.lo else 1 for c in chunks])
-        index = (starts[:, None] + torch.arange(spans.width, device=self.device)).clamp(max=hidden.shape[1])
-        hs = with_last.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        self._mtp_hidden(rows, None, gold, hs, self._positions(spans), prefill=spans)
-
-    def _padded(self, seqs: list[tuple[int, ...]], width: int) -> torch.Tensor:
-        """Token ids [n, width], each row padded on the right with id 0."""
-        return self.to_device([list(s) + [0] * (width - len(s)) for s in seqs])
+        firsts = [max(chunks[i].lo - 1, 0) for i in kept]
+        spans = self._spans(firsts, [chunks[i].hi - 1 - f for i, f in zip(kept, firsts)])
+        gold = self.to_device([[t for i, f in zip(kept, firsts) for t in chunks[i].units[(f + 1) * w : chunks[i].hi * w : w]]])
+        hs = torch.cat([self.h_last[rows], hidden[0]])[self.to_device(sources)][None]
+        self._mtp_hidden(rows[self.to_device(kept)], None, gold, hs, self._positions(spans), prefill=spans)
 
     def _spans(self, starts: list[int], counts: list[int]) -> Spans:
-        """Prefill rows from position `starts[i]`, `counts[i]` real entries each (host ints, and on the device),
-        padded to the longest count rounded up to `prefill_multiple` (on CUDA `PREFILL_WIDTH_MULTIPLE`)."""
-        width = -(-max(counts) // self.prefill_multiple) * self.prefill_multiple
-        return Spans(tuple(starts), tuple(counts), self.to_device(counts), width)
+        """Sequences from positions `starts[i]`, `counts[i]` (>= 1) entries each, packed end to end."""
+        offsets = tuple(itertools.accumulate(counts, initial=0))
+        cu_seqlens = self.to_device(list(offsets))
+        sequence = torch.repeat_interleave(torch.arange(len(counts), device=self.device), cu_seqlens.diff(),
+                                           output_size=offsets[-1])
+        return Spans(tuple(starts), tuple(counts), offsets, cu_seqlens, sequence)
 
     def _positions(self, spans: Spans) -> torch.Tensor:
-        """Positions [n, width] from each row's start (padding's positions clamped inside the table)."""
-        start = self.to_device(list(spans.starts))[:, None]
-        return (start + torch.arange(spans.width, device=self.device)).clamp(max=self.capacity - 1)
+        """Positions [1, N] of the packed entries, each sequence's from its start (clamped inside the tables: the
+        warm-up's rows may be longer than a sequence can be)."""
+        local = torch.arange(spans.offsets[-1], device=self.device) - spans.cu_seqlens[spans.sequence]
+        return (self.to_device(list(spans.starts))[spans.sequence] + local).clamp(max=self.capacity - 1)[None]
 
     def warm_prefill(self, rows: list[int]) -> None:
-        """A short prefill forward over the first 1, 2, ... len(`rows`) prefill rows, before any request: kernels
-        that compile per shape class or autotune per row count (flash-linear-attention's chunked delta rule) do it
-        now rather than for seconds in the middle of a run. The rows' tables point at the sink block (their
-        writes land there) and their states are reset after."""
-        units = (0,) * (self.unit_width * PREFILL_WIDTH_MULTIPLE)
-        for n in range(1, len(rows) + 1):
-            self.prefill([PrefillChunk(row, units, 0, PREFILL_WIDTH_MULTIPLE) for row in rows[:n]])
+        """Short prefill forwards before any request: kernels that compile per shape class or autotune do it now
+        rather than for seconds in the middle of a run. Triton specialises on whether a length divides by 16
+        and on lengths of 1, torch.compile on one sequence or several, so every row count runs with a packed
+        length of each kind (multiples of 64, plus one), and lengths 1 and 2 run alone (their MTP
+        entries: 0 and 1). The rows' tables point at the sink block (their writes land there) and their
+        states are reset after."""
+        if not rows:
+            return
+        units = (0,) * (self.unit_width * (WARM_LENGTH + 1))
+        counts = [[1], [2]] + [[WARM_LENGTH] * (n - 1) + [WARM_LENGTH + extra] for n in range(1, len(rows) + 1)
+                               for extra in (0, 1)]
+        for sizes in counts:
+            self.prefill([PrefillChunk(row, units, 0, size) for row, size in zip(rows, sizes)])
         for row in rows:
             self.reset(row)
 

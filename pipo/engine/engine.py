@@ -114,8 +114,8 @@ class Engine:
     `block_size` positions hold every sequence's KV (default: on CUDA what
     `gpu_memory_utilization` of the device leaves, on CPU enough for every slot at `max_seq_len`).
     Prompts prefill in chunks of up to `prefill_chunk` positions, up to `prefill_rows` in one forward
-    of up to `max_prefill_tokens` tokens (padded); the budget defaults to `prefill_rows` full chunks
-    (4 x 2048), so several prompts share a forward: one 1.4K-token prompt is host-bound on a GPU, and
+    of up to `max_prefill_tokens` tokens (packed end to end, no padding); the budget defaults to
+    `prefill_rows` full chunks (4 x 2048), so several prompts share a forward: one 1.4K-token prompt is host-bound on a GPU, and
     prefill attention holds no mask, so a larger forward costs only its activations.
     """
 
@@ -491,18 +491,18 @@ class Engine:
 
     def _prefill(self) -> list[Sequence]:
         """One prefill forward over chunks of admitted prompts, first come first, under the per-step token budget
-        (counted padded: rows x the longest chunk); start the prompts it finishes (or the cache served whole) and
+        (the chunks are packed: real positions count); start the prompts it finishes (or the cache served whole) and
         the samples that waited for them, and sample all their first tokens in one call."""
         chunks: list[tuple[Sequence, int]] = []
-        width = rows = 0
+        tokens = rows = 0
         for seq in self.prefilling:
             left = self._unprefilled(seq)
-            take = min(left, self.prefill_chunk, self.max_prefill_tokens // (rows + 1))
-            if left and (take < 1 or (rows + 1) * max(width, take) > self.max_prefill_tokens):
+            take = min(left, self.prefill_chunk, self.max_prefill_tokens - tokens)
+            if left and take < 1:
                 break
             chunks.append((seq, take))
-            rows, width = rows + (take > 0), max(width, take)
-        if width:
+            rows, tokens = rows + (take > 0), tokens + take
+        if tokens:
             self.decoder.prefill([PrefillChunk(s.row, s.feed, s.prefilled, s.prefilled + take)
                                   for s, take in chunks if take])
             self.metrics["prefill_forwards"] += 1

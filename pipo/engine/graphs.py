@@ -17,10 +17,10 @@ _CAPTURING = [False]
 
 
 def capturing() -> bool:
-    """True while a `GraphedFn` warms up or captures: the calls whose shapes recur, the only ones that run
-    torch.compile'd code. Other calls (prefill, first tokens, rows without a graph) vary in rows and length;
-    each new shape would recompile for seconds in the middle of a run, and eager code costs the host about
-    as much as a compiled region's guards."""
+    """True while a `GraphedFn` warms up or captures: the calls whose shapes recur, which run shape-specialised
+    torch.compile'd code. Prefill runs code compiled for dynamic shapes; other calls (first tokens, rows
+    without a graph) vary in rows and would recompile for seconds in the middle of a run, and eager code
+    costs the host about as much as a compiled region's guards."""
     return _CAPTURING[0]
 
 

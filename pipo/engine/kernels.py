@@ -165,19 +165,44 @@ def recurrent_delta_rule(
 
 
 def chunk_delta_rule(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    offsets: tuple[int, ...] | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Chunked rule for long inputs (prefill), same shapes as `recurrent_delta_rule`; updates `state` in place."""
+    """Chunked rule for long inputs (prefill), same shapes as `recurrent_delta_rule`; updates `state` in place.
+
+    `offsets` (n + 1 host ints, and `cu_seqlens` the same on q's device): the batch's one row packs
+    n sequences end to end, sequence i at positions offsets[i] .. offsets[i + 1] - 1 with its state
+    in `state[i]` (fla's variable-length mode: no padding is computed).
+    """
     ops = _use_fla(q)
     if ops is not None:
+        varlen = {}
+        if offsets is not None:  # fla builds its chunk indices from the host copy, without a sync
+            varlen = dict(cu_seqlens=cu_seqlens, cu_seqlens_cpu=torch.tensor(offsets, dtype=torch.long))
         out, final = ops[0](q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True,
-                            use_qk_l2norm_in_kernel=True)
-    else:
-        from pipo.model.linear_attention import torch_gated_delta_rule
+                            use_qk_l2norm_in_kernel=True, **varlen)
+        state.copy_(final)
+        return out
+    if offsets is None:
+        return _torch_chunk(q, k, v, g, beta, state)
+    pieces = [slice(a, b) for a, b in zip(offsets, offsets[1:])]
+    return torch.cat([_torch_chunk(q[:, p], k[:, p], v[:, p], g[:, p], beta[:, p], state[i : i + 1])
+                      for i, p in enumerate(pieces)], dim=1)
 
-        q, k = _repeat_heads(q, k, v)
-        out, final = torch_gated_delta_rule()(
-            q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True
-        )
+
+def _torch_chunk(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+    """The chunked rule in torch (CPU), batch rows each with their state row; updates `state` in place."""
+    from pipo.model.linear_attention import torch_gated_delta_rule
+
+    q, k = _repeat_heads(q, k, v)
+    out, final = torch_gated_delta_rule()(
+        q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True
+    )
     state.copy_(final)
     return out

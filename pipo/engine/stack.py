@@ -17,11 +17,11 @@ attention and gated-delta-rule steps against preallocated buffers:
 Rows of a decode step are a contiguous range of slots (`rows: slice`), so every
 buffer access is a view and a decode step over slots `[0, B)` can be graph-captured;
 first-token calls over slots that are not contiguous name them by an index tensor (run
-eagerly). A batched prefill names its rows by an index tensor and pads its prompts' chunks on the
-right (`Spans`): padded tokens write their keys to the sink block 0 and leave the
-linear-attention states as they are (decay 0 and beta 0 make the delta rule an identity). Its
-attention runs row by row without a mask (`prefill_attention`), so on CUDA SDPA can pick the flash
-or memory-efficient kernel and only one row's keys are gathered at a time.
+eagerly). A batched prefill names its rows by an index tensor and packs its prompts' chunks end to
+end in one batch row (`Spans`), so no padding is computed: the conv reads each sequence's history
+through gathered indices (`conv_indices`), the chunked delta rule runs fla's variable-length mode,
+and attention runs sequence by sequence without a mask (`prefill_attention`), so on CUDA SDPA can
+pick the flash or memory-efficient kernel and only one sequence's keys are gathered at a time.
 """
 from __future__ import annotations
 
@@ -60,18 +60,37 @@ class LayerState:
 
 
 class Spans(NamedTuple):
-    """The rows of a prefill forward: row i holds positions `starts[i] .. starts[i] + counts[i] - 1` of its
-    sequence, padded on the right to the forward's width.
+    """The sequences of a prefill forward, packed end to end in one batch row: sequence i (prefill row i)
+    holds its positions `starts[i] .. starts[i] + counts[i] - 1` at packed offsets `offsets[i] ..
+    offsets[i + 1] - 1` (every count >= 1).
 
-    `starts` and `counts` are host ints (the scheduler built the chunks), so the per-row attention
-    shapes cost no device-to-host sync; `lengths` is `counts` on the device (padding masks); `width`
-    the padded length (at least the longest count).
+    `starts`, `counts` and `offsets` are host ints (the scheduler built the chunks), so the
+    per-sequence attention shapes cost no device-to-host sync; `cu_seqlens` is `offsets` on the
+    device and `sequence` [N] the sequence of each packed token (its block table and conv history).
     """
 
     starts: tuple[int, ...]
     counts: tuple[int, ...]
-    lengths: torch.Tensor
-    width: int
+    offsets: tuple[int, ...]
+    cu_seqlens: torch.Tensor
+    sequence: torch.Tensor
+
+
+def conv_indices(spans: Spans, history: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a packed prefill's causal conv reads, as rows of [the n sequences' conv histories, `history` rows
+    each; then the N packed inputs]: each input's window [N, history + 1] (oldest first) and each sequence's
+    new history, its last `history` rows [n, history]."""
+    n, device = len(spans.counts), spans.sequence.device
+    cu, seq = spans.cu_seqlens, spans.sequence
+
+    def rows(s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # u: place in sequence s's history + inputs
+        return torch.where(u >= history, n * history + cu[s] + u - history, s * history + u)
+
+    local = torch.arange(seq.shape[0], device=device) - cu[seq]
+    taps = rows(seq[:, None], local[:, None] + torch.arange(history + 1, device=device))
+    counts = (cu[1:] - cu[:-1])[:, None]
+    kept = rows(torch.arange(n, device=device)[:, None], counts + torch.arange(history, device=device))
+    return taps, kept
 
 
 def _is_linear(layer: nn.Module) -> bool:
@@ -231,6 +250,20 @@ def linear_conv(layer: nn.Module, mixed: torch.Tensor, history: torch.Tensor):
     return *(t.contiguous() for t in conv_heads(mod, conv)), window
 
 
+def packed_conv(layer: nn.Module, mixed: torch.Tensor, history: torch.Tensor, taps: torch.Tensor,
+                kept: torch.Tensor):
+    """The causal depthwise conv and SiLU of a packed prefill: inputs `mixed` [1, N, C] of sequences whose conv
+    histories are `history` [n, K-1, C], read through `conv_indices`' `taps` and `kept` -> q, k, v [1, N, ...]
+    (contiguous), the sequences' new histories [n, K-1, C]. Eagerly one [N, C] gather per tap; torch.compile
+    fuses the gathers, the sum and the SiLU into one pass."""
+    mod = layer.linear_attn
+    inputs = torch.cat([history.flatten(0, 1), mixed[0].to(history.dtype)])
+    weight, bias = mod.conv1d.weight[:, 0], mod.conv1d.bias
+    out = sum(inputs[taps[:, j]] * weight[:, j] for j in range(taps.shape[1]))
+    conv = F.silu(out if bias is None else out + bias)[None]
+    return *(t.contiguous() for t in conv_heads(mod, conv)), inputs[kept]
+
+
 def conv_heads(mod: nn.Module, conv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The conv's output channels [B, T, C] as q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv] (views)."""
     batch, steps, _ = conv.shape
@@ -244,7 +277,7 @@ def _causal_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
     A decode step's few outputs are K shifted multiply-adds, which torch.compile fuses with
     the window's concatenation and the activation; cuDNN's depthwise kernel is a separate
-    launch that costs more than the whole sum at batch 256. Long inputs (prefill) use conv1d.
+    launch that costs more than the whole sum at batch 256. Long inputs use conv1d.
     """
     if steps > 8:
         return F.conv1d(window.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
@@ -270,13 +303,15 @@ def _mlp_block(layer: nn.Module, x: torch.Tensor, fused: LayerWeights) -> torch.
     return x + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
-SEGMENTS = (attention_inputs, attention_outputs, linear_inputs, linear_conv, linear_outputs)
+SEGMENTS = (attention_inputs, attention_outputs, linear_inputs, linear_conv, linear_outputs, packed_conv)
 
 
-@functools.lru_cache(maxsize=1)
-def compiled_segments() -> tuple:
-    """`SEGMENTS` through torch.compile, built once per process (compiled code is shared by every stack)."""
-    return tuple(torch.compile(fn, dynamic=None) for fn in SEGMENTS)
+@functools.lru_cache(maxsize=2)
+def compiled_segments(dynamic: bool | None = None) -> tuple:
+    """`SEGMENTS` through torch.compile, built once per process (compiled code is shared by every stack).
+    `dynamic=True` for prefill: one compilation serves every packed length, where shape-specialised code
+    would recompile for seconds at each new prefill shape in the middle of a run."""
+    return tuple(torch.compile(fn, dynamic=dynamic) for fn in SEGMENTS)
 
 
 def prefill_attention(
@@ -289,24 +324,23 @@ def prefill_attention(
     spans: Spans,
     scale: float,
 ) -> torch.Tensor:
-    """Prefill attention, row by row: q [B, Hq, T, D] of new keys/values k, v [B, Hkv, T, D], already written
-    to the pools at their positions through the rows' block `tables` [B, max_blocks] -> [B, Hq, T, D].
+    """Prefill attention, sequence by sequence: packed queries q [1, Hq, N, D] of new keys/values
+    k, v [1, Hkv, N, D], already written to the pools at their positions through the sequences' block
+    `tables` [n, max_blocks] -> [1, Hq, N, D].
 
-    Row i's `counts[i]` queries attend causally over its positions 0 .. `starts[i] + counts[i]` - 1:
-    a row that starts its sequence needs only the chunk's own keys; a later chunk (or a prompt
-    after a cached prefix) reads its earlier keys from its blocks, one row's at a time. Padding's
-    outputs are zeros.
+    Sequence i's `counts[i]` queries attend causally over its positions 0 .. `starts[i] + counts[i]` - 1:
+    a chunk that starts its sequence needs only its own keys; a later chunk (or a prompt after a
+    cached prefix) reads its earlier keys from its blocks, one sequence's at a time.
     """
-    out = torch.zeros_like(q)
-    for i, (start, count) in enumerate(zip(spans.starts, spans.counts)):
-        if count == 0:
-            continue
+    out = torch.empty_like(q)
+    for i, (start, count, offset) in enumerate(zip(spans.starts, spans.counts, spans.offsets)):
+        new = slice(offset, offset + count)
         if start == 0:
-            keys, values = k[i, :, :count], v[i, :, :count]
+            keys, values = k[0, :, new], v[0, :, new]
         else:
             keys, values = (_row_cache(pool, tables[i], start + count) for pool in (pool_k, pool_v))
-        out[i, :, :count] = causal_attention(q[i, :, :count], keys, values, scale)
-        del keys, values  # one row's gathered keys at a time
+        out[0, :, new] = causal_attention(q[0, :, new], keys, values, scale)
+        del keys, values  # one sequence's gathered keys at a time
     return out
 
 
@@ -377,6 +411,7 @@ class PagedStack:
         self.block_size = block_size
         self.record_steps = record_steps
         self.segments = compiled_segments() if compile else SEGMENTS
+        self.prefill_segments = compiled_segments(dynamic=True) if compile else SEGMENTS
         self.weights = [fuse_projections(layer) if fuse else LayerWeights() for layer in self.layers]
         self.states = [self._allocate(layer, slots, num_blocks) for layer in self.layers]
 
@@ -412,28 +447,31 @@ class PagedStack:
         the keys attended where their batched SDPA runs (a whole number of blocks is read; the
         Triton decode kernel reads each row's filled blocks whatever it is). `record` keeps every
         token's linear-attention state so that `commit` can roll back to an accepted prefix.
-        A prefill forward (`rows` may then be an index tensor) runs the chunked delta rule and
-        attends row by row over each row's span.
+        A prefill forward (`x` [1, N, H]: its sequences packed, `rows` an index tensor of their
+        slots) runs the chunked delta rule and attends sequence by sequence.
         """
         kv_len = kv_len or self.tables.shape[1] * self.block_size
-        lengths = None if prefill is None else prefill.lengths
-        valid = None if lengths is None else torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]
         if hasattr(self.rotary, "mrope_section"):  # Qwen3.5's multimodal rotary: text uses one position per axis
             cos, sin = self.rotary(x, positions[None].expand(3, -1, -1))
         else:
             cos, sin = self.rotary(x, positions)
-        attn_in, attn_out, linear_in, linear_conv, linear_out = self.segments if capturing() else SEGMENTS
+        segments = self.segments if capturing() else self.prefill_segments if prefill is not None else SEGMENTS
+        attn_in, attn_out, linear_in, linear_conv, linear_out, prefill_conv = segments
+        indices = None  # the packed conv's gather indices, shared by the linear-attention layers
         for layer, state, fused in zip(self.layers, self.states, self.weights):
             if _is_linear(layer):
                 mixed, g, beta, z = linear_in(layer, x, fused)
-                q, k, v = self._conv(layer, state, mixed, rows, prefill is None, record, lengths, linear_conv)
-                if valid is not None:  # padding: no decay, no update
-                    g, beta = g * valid[..., None], beta * valid[..., None]
-                out = self._delta_rule(state, q, k, v, g, beta, rows, prefill is None, record)
+                if prefill is None:
+                    q, k, v = self._conv(layer, state, mixed, rows, record, linear_conv)
+                else:
+                    indices = indices or conv_indices(prefill, state.conv.shape[1])
+                    q, k, v, history = prefill_conv(layer, mixed, state.conv[rows], *indices)
+                    state.conv[rows] = history
+                out = self._delta_rule(state, q, k, v, g, beta, rows, record, prefill)
                 x = linear_out(layer, x, out, z, fused)
             else:
                 q, k, v, gate = attn_in(layer, x, cos, sin, fused)
-                out = self._attention(layer.self_attn, state, q, k, v, rows, positions, kv_len, prefill, valid)
+                out = self._attention(layer.self_attn, state, q, k, v, rows, positions, kv_len, prefill)
                 x = attn_out(layer, x, out, gate, fused)
         return self.norm(x)
 
@@ -448,21 +486,20 @@ class PagedStack:
         positions: torch.Tensor,
         kv_len: int,
         prefill: Spans | None = None,
-        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of the new tokens over the rows' paged caches (they are written first) -> [B, Hq, T, D].
 
-        Prefill attends row by row (`prefill_attention`). Decode steps on GPU use the paged
-        split-K Triton kernel; elsewhere (CPU, EAGLE's verification) they gather the rows'
-        first `kv_len` positions of blocks and use one batched SDPA with a mask. Padded tokens
-        (`valid` False) write to the sink block 0.
+        Prefill attends sequence by sequence (`prefill_attention`). Decode steps on GPU use the
+        paged split-K Triton kernel; elsewhere (CPU, EAGLE's verification) they gather the rows'
+        first `kv_len` positions of blocks and use one batched SDPA with a mask.
         """
         batch, _, steps, d = q.shape
         bs = self.block_size
         tables = self.tables[rows]
-        blocks = tables.gather(1, positions // bs)
-        if valid is not None:
-            blocks = blocks * valid
+        if prefill is None:
+            blocks = tables.gather(1, positions // bs)
+        else:  # packed: each token's block from its own sequence's table
+            blocks = tables[prefill.sequence, positions[0] // bs][None]
         offsets = positions % bs
         state.k[blocks, :, offsets] = k.transpose(1, 2).to(state.k.dtype)
         state.v[blocks, :, offsets] = v.transpose(1, 2).to(state.v.dtype)
@@ -490,16 +527,14 @@ class PagedStack:
         state: LayerState,
         mixed: torch.Tensor,
         rows: slice | torch.Tensor,
-        recurrent: bool,
         record: bool,
-        lengths: torch.Tensor | None,
         linear_conv,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The causal conv over the rows' conv history and `mixed` [B, T, C] -> q, k, v; keeps the history (per
-        token when recording). Decode steps of a row range on GPU run one Triton kernel that updates the
+        """A decode step's causal conv over the rows' conv history and `mixed` [B, T, C] -> q, k, v; keeps the
+        history (per token when recording). A row range on GPU runs one Triton kernel that updates the
         history in place (`conv_decode`); the rest the torch segment `linear_conv` and writes the history."""
         mod = layer.linear_attn
-        kernel = kernel_module("conv_decode") if mixed.is_cuda and recurrent and not record else None
+        kernel = kernel_module("conv_decode") if mixed.is_cuda and not record else None
         if kernel is not None and isinstance(rows, slice) and kernel.available(mixed):
             conv = kernel.conv_step(mixed, state.conv[rows], mod.conv1d.weight, mod.conv1d.bias)
             return conv_heads(mod, conv)
@@ -507,11 +542,7 @@ class PagedStack:
         steps, history = mixed.shape[1], state.conv.shape[1]
         if record:  # the conv history after token t is window[:, t + 1 : t + 1 + history]
             state.step_conv[:steps, rows] = window.unfold(1, history, 1)[:, 1:].permute(1, 0, 3, 2)
-        if lengths is None:
-            state.conv[rows] = window[:, -history:]
-        else:  # the last `history` inputs up to each row's last real token
-            index = lengths[:, None, None] + torch.arange(history, device=window.device)[:, None]
-            state.conv[rows] = window.gather(1, index.expand(-1, -1, window.shape[2]))
+        state.conv[rows] = window[:, -history:]
         return q, k, v
 
     def _delta_rule(
@@ -523,17 +554,18 @@ class PagedStack:
         g: torch.Tensor,
         beta: torch.Tensor,
         rows: slice | torch.Tensor,
-        recurrent: bool,
         record: bool,
+        prefill: Spans | None,
     ) -> torch.Tensor:
-        """The gated delta rule on the rows' states, per token when recording (an index tensor of rows gets its
-        states gathered and written back)."""
+        """The gated delta rule on the rows' states: token by token in decode steps (per token when recording),
+        chunked over a prefill's packed sequences. An index tensor of rows gets its states gathered and
+        written back."""
         steps = q.shape[1]
         rec = state.rec[rows]
-        if recurrent:
+        if prefill is None:
             out = kernels.recurrent_delta_rule(q, k, v, g, beta, rec, state.step_rec[:steps, rows] if record else None)
         else:
-            out = kernels.chunk_delta_rule(q, k, v, g, beta, rec)
+            out = kernels.chunk_delta_rule(q, k, v, g, beta, rec, prefill.offsets, prefill.cu_seqlens)
         if not isinstance(rows, slice):
             state.rec[rows] = rec
         return out
