@@ -107,3 +107,12 @@ def test_engine_cpu_chunk_rule_runs_pytorch_under_the_fla_hub_wrapper(monkeypatc
     expected = kernels.recurrent_delta_rule(q, k, v, g, beta, stepped)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked, stepped, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_chunk_indices_name_each_sequences_chunks():
+    """fla's chunk indices of a packed prefill, (sequence, chunk within it) per 64-position chunk, built on the
+    host: a ragged sequence, one of a single position, one of exactly one chunk."""
+    from pipo.engine.kernels import _chunk_indices
+
+    got = _chunk_indices((0, 150, 151, 215), torch.device("cpu"))
+    assert got.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [2, 0]]

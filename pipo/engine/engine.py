@@ -114,9 +114,10 @@ class Engine:
     `block_size` positions hold every sequence's KV (default: on CUDA what
     `gpu_memory_utilization` of the device leaves, on CPU enough for every slot at `max_seq_len`).
     Prompts prefill in chunks of up to `prefill_chunk` positions, up to `prefill_rows` in one forward
-    of up to `max_prefill_tokens` tokens (packed end to end, no padding); the budget defaults to
-    `prefill_rows` full chunks (4 x 2048), so several prompts share a forward: one 1.4K-token prompt is host-bound on a GPU, and
-    prefill attention holds no mask, so a larger forward costs only its activations.
+    of up to `max_prefill_tokens` positions (packed end to end, no padding), so several prompts share
+    a forward: a forward's host cost (~100 ms on an H200, per layer more than per position) is paid
+    once for up to 8 prompts, and prefill attention holds no mask, so a larger forward costs only its
+    activations.
     """
 
     def __init__(
@@ -134,8 +135,8 @@ class Engine:
         eagle_k: int = ENGINE_DEFAULTS.eagle_k,
         prefix_cache_size: int = 8,
         prefill_chunk: int = 2048,
-        max_prefill_tokens: int | None = None,
-        prefill_rows: int = 4,
+        max_prefill_tokens: int = 8192,
+        prefill_rows: int = 8,
         block_size: int = 32,
         num_blocks: int | None = None,
         gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization,
@@ -144,9 +145,10 @@ class Engine:
         fuse_projections: bool | None = None,
         eos_token_ids: Seq[int] | None = None,
     ) -> None:
-        if min(max_batch_size, eagle_k, prefill_chunk, prefill_rows, block_size) < 1 or max_seq_len < 2:
-            raise PIPOError("max_batch_size, eagle_k, prefill_chunk, prefill_rows and block_size must be >= 1 "
-                            "and max_seq_len >= 2")
+        sizes = (max_batch_size, eagle_k, prefill_chunk, prefill_rows, block_size, max_prefill_tokens)
+        if min(sizes) < 1 or max_seq_len < 2:
+            raise PIPOError("max_batch_size, eagle_k, prefill_chunk, prefill_rows, block_size and max_prefill_tokens "
+                            "must be >= 1 and max_seq_len >= 2")
         if not 0 < gpu_memory_utilization <= 1:
             raise PIPOError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         path = Path(model) if isinstance(model, (str, Path)) else None
@@ -168,7 +170,7 @@ class Engine:
         )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.prefill_chunk, self.prefill_rows = prefill_chunk, prefill_rows
-        self.max_prefill_tokens = max_prefill_tokens or prefill_rows * prefill_chunk
+        self.max_prefill_tokens = max_prefill_tokens
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         compile_layers = self.device.type == "cuda" if compile_layers is None else compile_layers
         fuse_projections = self.device.type == "cuda" if fuse_projections is None else fuse_projections

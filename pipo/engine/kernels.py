@@ -183,8 +183,8 @@ def chunk_delta_rule(
     ops = _use_fla(q)
     if ops is not None:
         varlen = {}
-        if offsets is not None:  # fla builds its chunk indices from the host copy, without a sync
-            varlen = dict(cu_seqlens=cu_seqlens, cu_seqlens_cpu=torch.tensor(offsets, dtype=torch.long))
+        if offsets is not None:
+            varlen = dict(cu_seqlens=cu_seqlens, chunk_indices=_chunk_indices(offsets, q.device))
         out, final = ops[0](q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True,
                             use_qk_l2norm_in_kernel=True, **varlen)
         state.copy_(final)
@@ -194,6 +194,19 @@ def chunk_delta_rule(
     pieces = [slice(a, b) for a, b in zip(offsets, offsets[1:])]
     return torch.cat([_torch_chunk(q[:, p], k[:, p], v[:, p], g[:, p], beta[:, p], state[i : i + 1])
                       for i, p in enumerate(pieces)], dim=1)
+
+
+FLA_CHUNK = 64  # positions per chunk of fla's chunked rule (its default)
+
+
+@functools.lru_cache(maxsize=4)
+def _chunk_indices(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """fla's chunk indices of packed sequences, (sequence, chunk within it) per chunk [chunks, 2]: built once per
+    prefill forward (every layer's call reuses them) and copied from pinned memory, where fla would copy them
+    from pageable memory at every call, which waits for the stream."""
+    pairs = [(i, c) for i, (a, b) in enumerate(zip(offsets, offsets[1:])) for c in range(-(-(b - a) // FLA_CHUNK))]
+    host = torch.tensor(pairs, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def _torch_chunk(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
