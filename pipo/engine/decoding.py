@@ -3,7 +3,7 @@
 A decoder owns the KV block pools, the block tables and the per-slot state of every
 running sequence (linear-attention states, last hidden, presence marks, sampling
 parameters and seed). `prefill` runs prompt positions `[lo, hi)` of several rows in one
-padded forward (and the MTP head's cache over the prompts' gold tokens); `first` samples the first token(s)
+forward, packed end to end (and the MTP head's cache over the prompts' gold tokens); `first` samples the first token(s)
 of the slots prefilled in a step, in one batched call; `step` advances every active slot in rows `[0, B)` by one backbone
 pass. Model calls of a decode step go through `graphs.GraphedFn`, which replays CUDA graphs
 captured per batch-size bucket on GPU and runs eagerly elsewhere; `graphs.launch` starts the

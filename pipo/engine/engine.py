@@ -13,9 +13,9 @@ Scheduling, once per `step()`:
    step that finishes it; while every decode slot is taken and few queued samples have their prompt
    cached, the next waiting prompts are prefilled ahead into free prefill rows and left in the prefix
    cache, several per forward (a prefill forward costs about the same host time for one prompt as for
-   four), so the samples that take freed slots later start without a forward of their own;
-2. prefill chunks of admitted prompts in one forward (several prompts, padded to the longest
-   chunk) under a per-step token budget (`max_prefill_tokens`), in rows of their own, so running
+   eight), so the samples that take freed slots later start without a forward of their own;
+2. prefill chunks of admitted prompts in one forward (several prompts, packed end to end without
+   padding) under a per-step token budget (`max_prefill_tokens`), in rows of their own, so running
    sequences keep decoding while long prompts come in;
    finished prefills are cached, moved to their decode slots and sampled together (one batched call);
 3. give every decoding sequence the blocks its next step may write; when the pool runs
