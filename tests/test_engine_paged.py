@@ -16,7 +16,7 @@ EOS = [2]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], list(range(30, 52)), [5, 6, 7, 8, 9, 10, 11, 12, 13], [100],
            [20, 21, 22]]
 NEW = 12
-# prefill: chunks of 8, up to 2 prompts per forward (16 tokens, padded)
+# prefill: chunks of 8, up to 2 prompts per forward (16 positions, packed)
 TIGHT = dict(block_size=4, max_seq_len=40, max_batch_size=3, prefill_chunk=8, prefill_rows=2, max_prefill_tokens=16)
 
 
@@ -59,7 +59,7 @@ def test_regular_methods_exact_under_preemption(qwen_regular, method):
     assert [[c.token_ids for c in row] for row in out] == [[e, e] for e in expected]
     assert engine.metrics["preemptions"] > 0
     assert engine.prefix_cache.hit_blocks > 0
-    assert engine.metrics["prefill_rows_max"] == 2  # prompts prefilled together in one padded forward
+    assert engine.metrics["prefill_rows_max"] == 2  # prompts prefilled together in one packed forward
     check_no_leaks(engine)
 
 
@@ -311,6 +311,37 @@ def test_paged_triton_kernel_matches_sdpa(steps, group, block_size, sms):
     mask = mask[:, None].repeat(1, 1, group, 1)  # query row g*T + t of a KV head: step t of group head g
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d**-0.5)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["mtp", "pipo"])
+def test_packed_prefill_matches_one_chunk_per_forward(qwen_regular, pipo_model, method):
+    """One packed forward over continuation chunks (one of a single position) and fresh prompts (one of a single
+    position, one shorter than the conv history) leaves every row as forwards of one chunk each do: linear
+    states, KV and MTP KV in the row's own blocks, last hidden, length."""
+    from pipo.engine.decoding import PrefillChunk
+
+    model = pipo_model("qwen3_5") if method == "pipo" else qwen_regular[0]
+    decoder = Engine(model, method, eos_token_ids=EOS, block_size=4, max_seq_len=40, max_batch_size=1,
+                     prefill_rows=10, num_blocks=256).decoder
+    w, n = decoder.unit_width, 5
+    decoder.tables[1:] = torch.arange(1, 10 * decoder.max_blocks + 1).view(10, -1)  # rows 1-5 packed, 6-10 alone
+    prompts = [tuple(range(3 + 11 * i, 3 + 11 * i + w * size)) for i, size in enumerate((9, 1, 7, 12, 2))]
+    earlier, chunks = [(0, 0, 5), (3, 0, 3)], [(0, 5, 6), (1, 0, 1), (2, 0, 7), (3, 3, 12), (4, 0, 2)]
+    for step in (earlier, chunks):
+        decoder.prefill([PrefillChunk(1 + i, prompts[i], lo, hi) for i, lo, hi in step])
+        for i, lo, hi in step:
+            decoder.prefill([PrefillChunk(1 + n + i, prompts[i], lo, hi)])
+    packed, alone = torch.arange(1, 1 + n), torch.arange(1 + n, 1 + 2 * n)
+    torch.testing.assert_close(decoder.h_last[packed], decoder.h_last[alone])
+    assert decoder.lengths[packed].tolist() == decoder.lengths[alone].tolist() == [6, 1, 7, 12, 2]
+    for stack in (decoder.backbone, decoder.mtp):
+        for state in stack.states:
+            if state.rec is not None:
+                torch.testing.assert_close(state.conv[packed], state.conv[alone])
+                torch.testing.assert_close(state.rec[packed], state.rec[alone])
+            else:  # every block the rows wrote (the MTP head's entries stop one before the backbone's)
+                torch.testing.assert_close(state.k[decoder.tables[packed, :3]], state.k[decoder.tables[alone, :3]])
+                torch.testing.assert_close(state.v[decoder.tables[packed, :3]], state.v[decoder.tables[alone, :3]])
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
