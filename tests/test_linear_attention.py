@@ -110,9 +110,10 @@ def test_engine_cpu_chunk_rule_runs_pytorch_under_the_fla_hub_wrapper(monkeypatc
 
 
 def test_packed_chunk_indices_name_each_sequences_chunks():
-    """fla's chunk indices of a packed prefill, (sequence, chunk within it) per 64-position chunk, built on the
-    host: a ragged sequence, one of a single position, one of exactly one chunk."""
-    from pipo.engine.kernels import _chunk_indices
+    """fla's cu_seqlens and chunk indices of a packed prefill, (sequence, chunk within it) per 64-position chunk,
+    built on the host: a ragged sequence, one of a single position, one of exactly one chunk."""
+    from pipo.engine.kernels import _packed_indices
 
-    got = _chunk_indices((0, 150, 151, 215), torch.device("cpu"))
-    assert got.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [2, 0]]
+    cu_seqlens, chunks = _packed_indices((0, 150, 151, 215), torch.device("cpu"))
+    assert cu_seqlens.tolist() == [0, 150, 151, 215]
+    assert chunks.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [2, 0]]

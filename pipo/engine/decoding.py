@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from pipo.engine import kernels
 from pipo.engine.graphs import GraphedFn, Launched, capturing, launch
 from pipo.engine.options import ENGINE_DEFAULTS
 from pipo.engine.parts import ModelParts
@@ -39,9 +40,6 @@ from pipo.model.sampling import (
     seed32,
     speculative_accept,
 )
-
-
-WARM_LENGTH = 64  # positions per row of the warm-up prefills (fla's chunk size)
 
 
 class PrefillChunk(NamedTuple):
@@ -362,9 +360,10 @@ class Decoder:
             return
         firsts = [max(chunks[i].lo - 1, 0) for i in kept]
         spans = self._spans(firsts, [chunks[i].hi - 1 - f for i, f in zip(kept, firsts)])
-        gold = self.to_device([[t for i, f in zip(kept, firsts) for t in chunks[i].units[(f + 1) * w : chunks[i].hi * w : w]]])
+        gold = [t for i, f in zip(kept, firsts) for t in chunks[i].units[(f + 1) * w : chunks[i].hi * w : w]]
         hs = torch.cat([self.h_last[rows], hidden[0]])[self.to_device(sources)][None]
-        self._mtp_hidden(rows[self.to_device(kept)], None, gold, hs, self._positions(spans), prefill=spans)
+        self._mtp_hidden(rows[self.to_device(kept)], None, self.to_device([gold]), hs, self._positions(spans),
+                         prefill=spans)
 
     def _spans(self, starts: list[int], counts: list[int]) -> Spans:
         """Sequences from positions `starts[i]`, `counts[i]` (>= 1) entries each, packed end to end."""
@@ -389,10 +388,11 @@ class Decoder:
         states are reset after."""
         if not rows:
             return
-        units = (0,) * (self.unit_width * (WARM_LENGTH + 1))
-        counts = [[1], [2]] + [[WARM_LENGTH] * (n - 1) + [WARM_LENGTH + extra] for n in range(1, len(rows) + 1)
-                               for extra in (0, 1)]
-        for sizes in counts:
+        chunk = kernels.FLA_CHUNK
+        units = (0,) * (self.unit_width * (chunk + 1))
+        forwards = [[1], [2]] + [[chunk] * (n - 1) + [chunk + extra] for n in range(1, len(rows) + 1)
+                                 for extra in (0, 1)]
+        for sizes in forwards:
             self.prefill([PrefillChunk(row, units, 0, size) for row, size in zip(rows, sizes)])
         for row in rows:
             self.reset(row)

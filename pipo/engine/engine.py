@@ -247,7 +247,7 @@ class Engine:
 
     def workspace_bytes(self, max_batch_size: int) -> int:
         """Memory kept out of the KV pool, an estimate: activations of a prefill forward of `max_prefill_tokens`,
-        its attention (one row's keys and values of one layer gathered at a time, up to `max_seq_len`; the
+        its attention (one sequence's keys and values of one layer gathered at a time, up to `max_seq_len`; the
         output of the whole forward), decode-step logits and sampling buffers, graphs.
 
         Activations count 4x one layer's live tensors per token (MLP gate, up and product, a few hidden-size

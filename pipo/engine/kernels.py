@@ -172,19 +172,19 @@ def chunk_delta_rule(
     beta: torch.Tensor,
     state: torch.Tensor,
     offsets: tuple[int, ...] | None = None,
-    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunked rule for long inputs (prefill), same shapes as `recurrent_delta_rule`; updates `state` in place.
 
-    `offsets` (n + 1 host ints, and `cu_seqlens` the same on q's device): the batch's one row packs
-    n sequences end to end, sequence i at positions offsets[i] .. offsets[i + 1] - 1 with its state
-    in `state[i]` (fla's variable-length mode: no padding is computed).
+    `offsets` (n + 1 host ints): the batch's one row packs n sequences end to end, sequence i at
+    positions offsets[i] .. offsets[i + 1] - 1 with its state in `state[i]` (fla's variable-length
+    mode: no padding is computed).
     """
     ops = _use_fla(q)
     if ops is not None:
         varlen = {}
         if offsets is not None:
-            varlen = dict(cu_seqlens=cu_seqlens, chunk_indices=_chunk_indices(offsets, q.device))
+            cu_seqlens, chunk_indices = _packed_indices(offsets, q.device)
+            varlen = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
         out, final = ops[0](q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True,
                             use_qk_l2norm_in_kernel=True, **varlen)
         state.copy_(final)
@@ -200,13 +200,16 @@ FLA_CHUNK = 64  # positions per chunk of fla's chunked rule (its default)
 
 
 @functools.lru_cache(maxsize=4)
-def _chunk_indices(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """fla's chunk indices of packed sequences, (sequence, chunk within it) per chunk [chunks, 2]: built once per
-    prefill forward (every layer's call reuses them) and copied from pinned memory, where fla would copy them
-    from pageable memory at every call, which waits for the stream."""
+def _packed_indices(offsets: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla's `cu_seqlens` (the offsets) and chunk indices, (sequence, chunk within it) per chunk [chunks, 2], of
+    packed sequences on `device`: built once per prefill forward (every layer's call reuses them) and copied
+    from pinned memory, where fla would copy its indices from pageable memory at every call, which waits for
+    the stream."""
     pairs = [(i, c) for i, (a, b) in enumerate(zip(offsets, offsets[1:])) for c in range(-(-(b - a) // FLA_CHUNK))]
-    host = torch.tensor(pairs, dtype=torch.long)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    host = (torch.tensor(offsets, dtype=torch.long), torch.tensor(pairs, dtype=torch.long))
+    if device.type != "cuda":
+        return host
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in host)
 
 
 def _torch_chunk(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:

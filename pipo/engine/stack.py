@@ -565,7 +565,7 @@ class PagedStack:
         if prefill is None:
             out = kernels.recurrent_delta_rule(q, k, v, g, beta, rec, state.step_rec[:steps, rows] if record else None)
         else:
-            out = kernels.chunk_delta_rule(q, k, v, g, beta, rec, prefill.offsets, prefill.cu_seqlens)
+            out = kernels.chunk_delta_rule(q, k, v, g, beta, rec, prefill.offsets)
         if not isinstance(rows, slice):
             state.rec[rows] = rec
         return out
