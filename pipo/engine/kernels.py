@@ -165,12 +165,7 @@ def recurrent_delta_rule(
 
 
 def chunk_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
     offsets: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Chunked rule for long inputs (prefill), same shapes as `recurrent_delta_rule`; updates `state` in place.
