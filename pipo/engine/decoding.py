@@ -3,12 +3,12 @@
 A decoder owns the KV block pools, the block tables and the per-slot state of every
 running sequence (linear-attention states, last hidden, presence marks, sampling
 parameters and seed). `prefill` runs prompt positions `[lo, hi)` of several rows in one
-forward, packed end to end (and the MTP head's cache over the prompts' gold tokens); `first` samples the first token(s)
-of the slots prefilled in a step, in one batched call; `step` advances every active slot in rows `[0, B)` by one backbone
-pass. Model calls of a decode step go through `graphs.GraphedFn`, which replays CUDA graphs
-captured per batch-size bucket on GPU and runs eagerly elsewhere; `graphs.launch` starts the
-copy of a step's values to the host. Speculative acceptance (EAGLE) lives with the sampling
-code in `pipo.model.sampling`.
+forward, packed end to end (and the MTP head's cache over the prompts' gold tokens); `first`
+samples the first token(s) of the slots prefilled in a step, in one batched call; `step`
+advances every active slot in rows `[0, B)` by one backbone pass. Model calls of a decode step
+go through `graphs.GraphedFn`, which replays CUDA graphs captured per batch-size bucket on GPU
+and runs eagerly elsewhere; `graphs.launch` starts the copy of a step's values to the host.
+Speculative acceptance (EAGLE) lives with the sampling code in `pipo.model.sampling`.
 
 Sampling is per row: each slot carries its own `SamplingParams` as tensors and its own
 seed, and every draw is counter-based noise of (seed, the row's cache length, a salt per
