@@ -363,7 +363,7 @@ def test_prefill_attention_matches_masked_sdpa(kv_heads):
     blocks = tables[sequence, positions // bs]  # as _attention writes a packed prefill's keys
     pool_k[blocks, :, positions % bs] = k[0].transpose(0, 1)
     pool_v[blocks, :, positions % bs] = v[0].transpose(0, 1)
-    spans = Spans(starts, counts, offsets, torch.tensor(offsets), sequence)
+    spans = Spans(starts, offsets, torch.tensor(offsets), sequence)
     out = prefill_attention(q, k, v, pool_k, pool_v, tables, spans, d**-0.5)
     for i in range(len(starts)):
         new = slice(offsets[i], offsets[i + 1])
@@ -392,7 +392,7 @@ def test_packed_conv_matches_each_sequences_own_conv(bias):
     counts = (5, 1, 2, 9)
     offsets = tuple(sum(counts[:i]) for i in range(len(counts) + 1))
     sequence = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    spans = Spans((0,) * len(counts), counts, offsets, torch.tensor(offsets), sequence)
+    spans = Spans((0,) * len(counts), offsets, torch.tensor(offsets), sequence)
     history = torch.randn(len(counts), taps - 1, channels)
     mixed = torch.randn(1, offsets[-1], channels)
     with torch.no_grad():

@@ -371,7 +371,7 @@ class Decoder:
         cu_seqlens = self.to_device(list(offsets))
         sequence = torch.repeat_interleave(torch.arange(len(counts), device=self.device), cu_seqlens.diff(),
                                            output_size=offsets[-1])
-        return Spans(tuple(starts), tuple(counts), offsets, cu_seqlens, sequence)
+        return Spans(tuple(starts), offsets, cu_seqlens, sequence)
 
     def _positions(self, spans: Spans) -> torch.Tensor:
         """Positions [1, N] of the packed entries, each sequence's from its start (clamped inside the tables: the

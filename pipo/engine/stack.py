@@ -61,16 +61,15 @@ class LayerState:
 
 class Spans(NamedTuple):
     """The sequences of a prefill forward, packed end to end in one batch row: sequence i (prefill row i)
-    holds its positions `starts[i] .. starts[i] + counts[i] - 1` at packed offsets `offsets[i] ..
-    offsets[i + 1] - 1` (every count >= 1).
+    holds its positions from `starts[i]` on at packed offsets `offsets[i] .. offsets[i + 1] - 1` (at least
+    one each).
 
-    `starts`, `counts` and `offsets` are host ints (the scheduler built the chunks), so the
-    per-sequence attention shapes cost no device-to-host sync; `cu_seqlens` is `offsets` on the
-    device and `sequence` [N] the sequence of each packed token (its block table and conv history).
+    `starts` and `offsets` are host ints (the scheduler built the chunks), so the per-sequence
+    attention shapes cost no device-to-host sync; `cu_seqlens` is `offsets` on the device and
+    `sequence` [N] the sequence of each packed token (its block table and conv history).
     """
 
     starts: tuple[int, ...]
-    counts: tuple[int, ...]
     offsets: tuple[int, ...]
     cu_seqlens: torch.Tensor
     sequence: torch.Tensor
@@ -80,7 +79,7 @@ def conv_indices(spans: Spans, history: int) -> tuple[torch.Tensor, torch.Tensor
     """Where a packed prefill's causal conv reads, as rows of [the n sequences' conv histories, `history` rows
     each; then the N packed inputs]: each input's window [N, history + 1] (oldest first) and each sequence's
     new history, its last `history` rows [n, history]."""
-    n, device = len(spans.counts), spans.sequence.device
+    n, device = len(spans.starts), spans.sequence.device
     cu, seq = spans.cu_seqlens, spans.sequence
 
     def rows(s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # u: place in sequence s's history + inputs
@@ -328,17 +327,17 @@ def prefill_attention(
     k, v [1, Hkv, N, D], already written to the pools at their positions through the sequences' block
     `tables` [n, max_blocks] -> [1, Hq, N, D].
 
-    Sequence i's `counts[i]` queries attend causally over its positions 0 .. `starts[i] + counts[i]` - 1:
+    Sequence i's queries attend causally over its positions from 0 up to their own:
     a chunk that starts its sequence needs only its own keys; a later chunk (or a prompt after a
     cached prefix) reads its earlier keys from its blocks, one sequence's at a time.
     """
     out = torch.empty_like(q)
-    for i, (start, count, offset) in enumerate(zip(spans.starts, spans.counts, spans.offsets)):
-        new = slice(offset, offset + count)
+    for i, (start, lo, hi) in enumerate(zip(spans.starts, spans.offsets, spans.offsets[1:])):
+        new = slice(lo, hi)
         if start == 0:
             keys, values = k[0, :, new], v[0, :, new]
         else:
-            keys, values = (_row_cache(pool, tables[i], start + count) for pool in (pool_k, pool_v))
+            keys, values = (_row_cache(pool, tables[i], start + hi - lo) for pool in (pool_k, pool_v))
         out[0, :, new] = causal_attention(q[0, :, new], keys, values, scale)
         del keys, values  # one sequence's gathered keys at a time
     return out
