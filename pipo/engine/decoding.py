@@ -70,6 +70,9 @@ class Decoder:
 
     unit_width = 1  # tokens per backbone position
     uses_mtp = False
+    # a step takes one unit per row: a sequence's first step runs its feed's last unit (prefill stops one short) and
+    # samples its first token(s), so no call of its own reads the LM head for them; `first` serves the others
+    decodes_last_unit = False
     record_steps = 0
     resumes_from_last_token = False  # a preempted sequence prefills all it emitted and samples anew
 
@@ -321,9 +324,24 @@ class Decoder:
         self.h_last[slot] = saved["h"]
         self.lengths[slot].fill_(length)
 
+    def prefill_length(self, units: int) -> int:
+        """Positions of a feed of `units` that prefill forwards run (the rest, the first decode step)."""
+        return units - 1 if self.decodes_last_unit else units
+
+    def hold(self, slot: int, unit: tuple[int, ...]) -> None:
+        """The input of a slot's first decode step: its feed's last unit (`decodes_last_unit`)."""
+        self.pending[slot, : self.unit_width] = self.to_device(list(unit))
+
+    @property
+    def _mtp_lag(self) -> int:
+        """How far the MTP cache's prefilled entries trail the backbone's: entry i needs position i+1's first
+        token, which the feed holds unless position i is its last (then the token sampled after it; a
+        `decodes_last_unit` prefill never runs that position)."""
+        return 0 if self.decodes_last_unit else 1
+
     def mtp_entries(self, length: int) -> int:
-        """MTP cache entries written once `length` backbone positions are prefilled (entry L-1 waits for `first`)."""
-        return max(length - 1, 0) if self.mtp is not None else length
+        """Entries every cache holds once `length` positions are prefilled."""
+        return max(length - self._mtp_lag, 0) if self.mtp is not None else length
 
     @torch.no_grad()
     def prefill(self, chunks: list[PrefillChunk]) -> None:
@@ -331,8 +349,7 @@ class Decoder:
         every chunk in one forward: packed end to end in one row (`Spans`), rows by index.
 
         With an MTP head, its cache gets the gold entries too: entry i takes the first token
-        of position i+1 and the backbone hidden h_i (entries lo-1 .. hi-2; the last chunk's
-        entry hi-1 is written by `first` or the next chunk).
+        of position i+1 and the backbone hidden h_i (`_prefill_mtp`).
         """
         w = self.unit_width
         rows = self.to_device([c.row for c in chunks])
@@ -345,22 +362,23 @@ class Decoder:
         self.lengths[rows] = self.to_device([c.hi for c in chunks])
 
     def _prefill_mtp(self, chunks: list[PrefillChunk], rows: torch.Tensor, hidden: torch.Tensor) -> None:
-        """The MTP cache entries of a prefill forward (hidden [1, N, H], packed as the chunks): per chunk, entries
-        first..hi-2 with first = max(lo-1, 0), fed (first token of position i+1, h_i); h_{lo-1} is the row's
-        last hidden of the previous chunk. A chunk without entries (a prompt's first chunk of one position) is
-        left out."""
-        w, n = self.unit_width, len(chunks)
+        """The MTP cache entries of a prefill forward (hidden [1, N, H], packed as the chunks): entry i, fed (first
+        token of position i+1, h_i), is written by the chunk that computes position i + `_mtp_lag` (h_{lo-1} is
+        the row's last hidden of its previous chunk). A chunk without entries is left out."""
+        w, n, lag = self.unit_width, len(chunks), self._mtp_lag
         kept, sources, offset = [], [], 0  # sources: rows of [h_last of the chunks' rows; the packed hiddens]
         for i, c in enumerate(chunks):
-            if c.hi - 1 > max(c.lo - 1, 0):
+            first = max(c.lo - lag, 0)
+            if c.hi - lag > first:
                 kept.append(i)
-                sources += ([i] if c.lo else []) + list(range(n + offset, n + offset + c.hi - 1 - c.lo))
+                sources += ([i] if first < c.lo else []) + list(range(n + offset, n + offset + c.hi - lag - c.lo))
             offset += c.hi - c.lo
         if not kept:
             return
-        firsts = [max(chunks[i].lo - 1, 0) for i in kept]
-        spans = self._spans(firsts, [chunks[i].hi - 1 - f for i, f in zip(kept, firsts)])
-        gold = [t for i, f in zip(kept, firsts) for t in chunks[i].units[(f + 1) * w : chunks[i].hi * w : w]]
+        firsts = [max(chunks[i].lo - lag, 0) for i in kept]
+        ends = [chunks[i].hi - lag for i in kept]
+        gold = [t for i, f, end in zip(kept, firsts, ends) for t in chunks[i].units[(f + 1) * w : (end + 1) * w : w]]
+        spans = self._spans(firsts, [end - f for f, end in zip(firsts, ends)])
         hs = torch.cat([self.h_last[rows], hidden[0]])[self.to_device(sources)][None]
         self._mtp_hidden(rows[self.to_device(kept)], None, self.to_device([gold]), hs, self._positions(spans),
                          prefill=spans)
@@ -383,13 +401,13 @@ class Decoder:
         """Short prefill forwards before any request: kernels that compile per shape class or autotune do it now
         rather than for seconds in the middle of a run. Triton specialises on whether a length divides by 16
         and on lengths of 1, torch.compile on one sequence or several, so every row count runs with a packed
-        length of each kind (multiples of 64, plus one), and lengths 1 and 2 run alone (their MTP
-        entries: 0 and 1). The rows' tables point at the sink block (their writes land there) and their
+        length of each kind (multiples of 64, plus one), and lengths 1 and 2 run alone (the MTP
+        head's prefill runs `_mtp_lag` fewer entries). The rows' tables point at the sink block (their writes land there) and their
         states are reset after."""
         if not rows:
             return
         chunk = kernels.FLA_CHUNK
-        units = (0,) * (self.unit_width * (chunk + 1))
+        units = (0,) * (self.unit_width * (chunk + 2))  # a feed continues past every chunk (`_mtp_lag`)
         forwards = [[1], [2]] + [[chunk] * (n - 1) + [chunk + extra] for n in range(1, len(rows) + 1)
                                  for extra in (0, 1)]
         for sizes in forwards:
@@ -407,7 +425,8 @@ class Decoder:
 
     def first(self, seqs: dict[int, Sequence]) -> Launched | None:
         """Sample the first token(s) of freshly prefilled slots `{slot: sequence}` (ascending slots), all rows in
-        one batched call; like `step`, the values come with `.finish()` (None: emitted already)."""
+        one batched call (decoders whose step takes several positions per row; the others `decodes_last_unit`);
+        like `step`, the values come with `.finish()` (None: emitted already)."""
         raise NotImplementedError
 
     def step(self, batch: int, seqs: dict[int, Sequence]) -> Launched:
@@ -418,6 +437,7 @@ class Decoder:
 class RegularDecoder(Decoder):
     """The backbone alone, one token per pass."""
 
+    decodes_last_unit = True
     sample_fns = ("sample_next",)
 
     def graph_examples(self, batch):
@@ -437,20 +457,14 @@ class RegularDecoder(Decoder):
         return token[:, None]
 
     @torch.no_grad()
-    def first(self, seqs):
-        rows = self.first_rows(seqs)
-        values = self.sample_next(rows, 0, self.lm(self.h_last[rows]))
-        return launch(seqs, values, functools.partial(self._emit, stepped=False))
-
-    @torch.no_grad()
     def step(self, batch, seqs):
         rows, kv_len = slice(0, batch), self.kv_len(seqs)
         _, logits = self.backbone_step(rows, kv_len, self.pending[:batch, :1], self.positions(batch, 1))
         self.advance(batch, 1)
         return launch(seqs, self.sampler["sample_next"](rows, kv_len, logits[:, -1]), self._emit)
 
-    def _emit(self, seqs: dict[int, Sequence], values: list, stepped: bool = True) -> None:
-        for seq, value in self.live(seqs, values, stepped, 1):
+    def _emit(self, seqs: dict[int, Sequence], values: list) -> None:
+        for seq, value in self.live(seqs, values, True, 1):
             seq.emit(value[0])
 
 
@@ -458,6 +472,7 @@ class PipoDecoder(Decoder):
     """Pair in, pair out: one backbone pass per pair, token2 drafted by the MTP head and gated by confidence."""
 
     unit_width = 2
+    decodes_last_unit = True
     sample_fns = ("sample_first", "sample_second")
 
     def __init__(self, parts, slots, max_seq_len, config, graphs):
@@ -513,36 +528,27 @@ class PipoDecoder(Decoder):
         return torch.stack([t2, keep.long()], dim=1)
 
     @torch.no_grad()
-    def first(self, seqs):
-        rows = self.first_rows(seqs)
-        hidden = self.h_last[rows][:, None]
-        fns = {name: getattr(self, name) for name in self.sample_fns}
-        values = self._pair(rows, hidden, self.lm(hidden)[:, -1], self.kv_len(seqs), fns)
-        return launch(seqs, values, functools.partial(self._emit, stepped=False))
-
-    @torch.no_grad()
     def step(self, batch, seqs):
-        rows, kv_len = slice(0, batch), self.kv_len(seqs)
-        hidden, logits = self.backbone_step(rows, kv_len, self.pending[:batch, :2], self.positions(batch, 1))
+        rows, kv_len, positions = slice(0, batch), self.kv_len(seqs), self.positions(batch, 1)
+        hidden, logits = self.backbone_step(rows, kv_len, self.pending[:batch, :2], positions)
         self.advance(batch, 1)
-        return launch(seqs, self._pair(rows, hidden, logits[:, -1], kv_len, self.sampler), self._emit)
+        return launch(seqs, self._pair(rows, hidden, logits[:, -1], kv_len, positions), self._emit)
 
-    def _pair(self, rows, hidden, logits, kv_len, fns) -> torch.Tensor:
-        """Sample token1 from the backbone, then draft token2 with the MTP head and gate it by confidence:
-        values [B, 3] (token1, token2, kept)."""
-        t1 = fns["sample_first"](rows, kv_len, logits)
+    def _pair(self, rows, hidden, logits, kv_len, positions) -> torch.Tensor:
+        """Sample token1 from the backbone, then draft token2 with the MTP head (its entry at the backbone's
+        `positions`) and gate it by confidence: values [B, 3] (token1, token2, kept)."""
+        t1 = self.sampler["sample_first"](rows, kv_len, logits)
         if not self.uses_mtp:
             pad = torch.full_like(t1, self.parts.pad_token_id)
             self.pending[rows, 1] = pad
             return torch.stack([t1, pad, torch.zeros_like(t1)], dim=1)
-        positions = (self.lengths[rows] - 1)[:, None]
         logits2, conf = self.mtp_step(rows, kv_len, t1[:, None], hidden, positions)
-        second = fns["sample_second"](rows, kv_len, logits2[:, -1], conf[:, -1])
+        second = self.sampler["sample_second"](rows, kv_len, logits2[:, -1], conf[:, -1])
         return torch.cat([t1[:, None], second], dim=1)
 
-    def _emit(self, seqs: dict[int, Sequence], values: list, stepped: bool = True) -> None:
+    def _emit(self, seqs: dict[int, Sequence], values: list) -> None:
         pad = self.parts.pad_token_id
-        for seq, (a, b, kept) in self.live(seqs, values, stepped, 1):
+        for seq, (a, b, kept) in self.live(seqs, values, True, 1):
             if seq.emit(a):
                 continue
             if self.uses_mtp:

@@ -17,7 +17,10 @@ Scheduling, once per `step()`:
 2. prefill chunks of admitted prompts in one forward (several prompts, packed end to end without
    padding) under a per-step token budget (`max_prefill_tokens`), in rows of their own, so running
    sequences keep decoding while long prompts come in;
-   finished prefills are cached, moved to their decode slots and sampled together (one batched call);
+   finished prefills are cached and moved to their decode slots; regular and pipo prefill all but a
+   feed's last unit, which the sequence's first decode step runs, sampling its first token(s) with the
+   running ones (a separate call would read the LM head again), while mtp and eagle, whose steps take
+   several positions, sample first tokens in one batched call;
 3. give every decoding sequence the blocks its next step may write; when the pool runs
    out, the most recently admitted sequence is preempted (blocks freed, requeued first,
    later recomputed from its prompt and tokens so far: outputs do not change);
@@ -440,7 +443,7 @@ class Engine:
 
     def _unprefilled(self, seq: Sequence) -> int:
         """Positions of an admitted sequence's feed that still need a prefill forward (0: the cache served it)."""
-        return len(seq.feed) // self.decoder.unit_width - seq.prefilled
+        return self.decoder.prefill_length(len(seq.feed) // self.decoder.unit_width) - seq.prefilled
 
     def _start(self, seq: Sequence) -> bool:
         """Take a decode slot (none for a prefill ahead), a prefill row and the blocks of the sequence's feed
@@ -474,6 +477,8 @@ class Engine:
             self.queued_prompts[seq.units] -= 1
         self.decoder.reset(seq.row, seq.tokens)
         self.decoder.set_row(seq.row, seq.params, seq.seed)
+        if self.decoder.decodes_last_unit and not seq.ahead:
+            self.decoder.hold(seq.row, seq.feed[-w:])
         seq.blocks = shared + fresh
         if hit is not None:
             if tail:
@@ -494,7 +499,8 @@ class Engine:
     def _prefill(self) -> list[Sequence]:
         """One prefill forward over chunks of admitted prompts, first come first, under the per-step token budget
         (the chunks are packed: real positions count); start the prompts it finishes (or the cache served whole) and
-        the samples that waited for them, and sample all their first tokens in one call."""
+        the samples that waited for them, and sample all their first tokens in one call (unless their first decode
+        step does: `decodes_last_unit`)."""
         chunks: list[tuple[Sequence, int]] = []
         tokens = rows = 0
         for seq in self.prefilling:
@@ -513,7 +519,7 @@ class Engine:
         for seq, take in chunks:
             seq.prefilled += take
             self.metrics["prefill_tokens"] += take
-            if seq.prefilled < len(seq.feed) // self.decoder.unit_width:
+            if self._unprefilled(seq):
                 continue
             if take and not seq.raw:
                 prompts.add(seq.feed)
@@ -527,7 +533,7 @@ class Engine:
             for seq in [s for s in self.prefilling if not s.ahead and not self._unprefilled(s)]:
                 self._to_decode(seq, prefilled=False)
                 started.append(seq)
-        if started:  # the first token(s) of every prompt this step finished, in one batched call
+        if started and not self.decoder.decodes_last_unit:  # their first token(s), in one batched call
             self._set_mode()
             launched = self.decoder.first({s.slot: s for s in sorted(started, key=lambda s: s.slot)})
             if launched is not None:
@@ -592,18 +598,18 @@ class Engine:
 
     def _to_decode(self, seq: Sequence, prefilled: bool) -> None:
         """Cache a prompt it prefilled (`prefilled`: a forward finished it; else the cache served it whole) and move
-        the sequence from its prefill row to its decode slot (`_prefill` samples its first token(s)). A fresh
-        sample's prefill counts one forward pass whoever ran it (as in the reference generators); a resumed
-        sequence's prefill counts one more."""
+        the sequence from its prefill row to its decode slot (its first step, or `_prefill`'s first-token call,
+        samples its first token(s)). The pass that gives a fresh sample its first token counts once whoever ran
+        the prompt's prefill (as in the reference generators); a resumed sequence's counts one more."""
         self.prefilling.remove(seq)
-        seq.stats.forward_passes += int(prefilled or not seq.raw)
+        seq.stats.forward_passes += int((prefilled or not seq.raw) and not self.decoder.decodes_last_unit)
         if prefilled and not seq.raw:
             self._cache_prompt(seq)
         row, seq.row = seq.row, seq.slot
         self.decoder.move(row, seq.slot)
         self.decoder.tables[row].zero_()
         heapq.heappush(self.free_rows, row)
-        seq.length = len(seq.feed) // self.decoder.unit_width
+        seq.length = seq.prefilled
         self.running[seq.slot] = seq
 
     def _reserve_decode_blocks(self) -> None:
