@@ -157,7 +157,7 @@ def test_group_max_kernel_and_prefiltered_top_k_match_torch():
     """The sampler's top-k on a GPU at a real vocabulary (plus a ragged tail): the compiled group-max kernel
     equals torch's maxima bit for bit (-inf row, NaN), the default top-k (the prefilter) returns torch.topk's
     values, and its derived greedy token is torch.argmax's (ties across groups, the tail, NaN)."""
-    from pipo.model.group_max import group_max, group_max_torch, top_k_of_groups_fits
+    from pipo.model.group_max import group_max, group_max_torch
     from pipo.model.sampling import TOP_K_GROUP, top_k
 
     torch.manual_seed(0)
@@ -170,7 +170,6 @@ def test_group_max_kernel_and_prefiltered_top_k_match_torch():
         for group in (TOP_K_GROUP, 100):
             torch.testing.assert_close(group_max(z.to(dtype), group), group_max_torch(z.to(dtype), group), rtol=0,
                                        atol=0, equal_nan=True, msg=f"{dtype}, groups of {group}")
-    assert top_k_of_groups_fits(z, 32, TOP_K_GROUP)  # the second stage runs the Triton kernel
     values, ids, greedy = top_k(z, 32, with_argmax=True)
     torch.testing.assert_close(values, torch.topk(z, 32, dim=-1).values, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(greedy, z.argmax(-1)) and greedy[3] == z.shape[1] - 1 and greedy[4] == 10

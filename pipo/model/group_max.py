@@ -1,14 +1,10 @@
-"""The sampler's top-k prefilter kernels: the maximum of each group of consecutive logits per row, then the
-top-k of the best groups' logits.
+"""The maximum of each group of consecutive logits per row: the read of the sampler's top-k prefilter.
 
 Why: `z[:, :whole].reshape(rows, -1, group).amax(-1)` over 256 x 248K bf16 logits took 173 us on an
 H200 where one read of them takes ~30 us. The Triton kernel here reads each logit once: every program
 loads a tile of whole groups of one row and reduces it along the group axis. NaN propagates like
-`torch.amax` (a group holding a NaN has maximum NaN). The second stage in torch (top-k of the maxima,
-a gather, top-k of the gathered logits, the argmax's group) took 147 us more in a CUDA graph at 256
-rows; `top_k_of_groups_triton` does it in one program per row that sorts packed (value, id) keys.
-A torch path runs on CPU tensors and where Triton is missing. Imported lazily by `sampling.top_k`,
-so importing the sampler never imports Triton.
+`torch.amax` (a group holding a NaN has maximum NaN). A torch path runs on CPU tensors and where Triton
+is missing. Imported lazily by `sampling.top_k`, so importing the sampler never imports Triton.
 """
 from __future__ import annotations
 
@@ -21,7 +17,6 @@ except ImportError:  # CPU-only installs: the torch path runs there
     triton = None
 
 BLOCK = 4096  # logits per Triton program (a tile of BLOCK // group groups of one row)
-SORT_LIMIT = 8192  # keys one program of `top_k_of_groups_triton` sorts at most (k x the group's power of two)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # reduced exactly in float32
 
 
@@ -58,75 +53,7 @@ def group_max_triton(z: torch.Tensor, group: int, block: int = BLOCK) -> torch.T
     return out
 
 
-def top_k_of_groups_fits(z: torch.Tensor, k: int, group: int) -> bool:
-    """True where `top_k_of_groups_triton` applies: Triton, a CUDA tensor of 16/32-bit floats, k a power of two
-    and k groups' keys within `SORT_LIMIT`."""
-    return (triton is not None and z.is_cuda and z.dtype in _TRITON_DTYPES and k & (k - 1) == 0
-            and k * triton.next_power_of_2(group) <= SORT_LIMIT)
-
-
-def top_k_of_groups_triton(z: torch.Tensor, maxima: torch.Tensor, k: int, group: int
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the k largest values of each row of `z` [B, V], sorted descending; their ids; `z.argmax(-1)`) from the
-    group maxima [B, G] (`group_max`, G > k), in one Triton program per row: sort the maxima's (value, group)
-    keys, take the k best groups, sort their logits' (value, column) keys. Keys order as torch does (NaN
-    above +inf, -0.0 equal to 0.0) and, among equal values, the lower id first: the first key is the
-    argmax, the ids are distinct and inside the row. Allocates only its outputs, never syncs."""
-    if z.stride(-1) != 1:
-        z = z.contiguous()
-    rows, width = z.shape
-    groups = maxima.shape[1]
-    values = torch.empty(rows, k, dtype=z.dtype, device=z.device)
-    ids = torch.empty(rows, k, dtype=torch.long, device=z.device)
-    argmax = torch.empty(rows, dtype=torch.long, device=z.device)
-    best = torch.empty(rows, k, dtype=torch.long, device=z.device)  # scratch: each row's k best groups
-    _top_k_of_groups_kernel[(rows,)](
-        z, maxima.contiguous(), best, values, ids, argmax, width, z.stride(0), groups, K=k, GROUP=group,
-        GROUPS_P2=triton.next_power_of_2(groups), BLOCK_GROUP=triton.next_power_of_2(group), num_warps=8)
-    return values, ids, argmax
-
-
 if triton is not None:
-
-    @triton.jit
-    def _keys(x, index):
-        """int64 keys whose descending order is x's (NaN first, -0.0 as 0.0), then ascending `index` (< 2**31)."""
-        x = tl.where(x != x, float("nan"), tl.where(x == 0, 0.0, x))
-        bits = x.to(tl.int32, bitcast=True)
-        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-        return (ordered << 32) | (0x7FFFFFFF - index).to(tl.int64)
-
-    @triton.jit
-    def _key_value(key):
-        ordered = (key >> 32).to(tl.int32)
-        return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _key_index(key):
-        return 0x7FFFFFFF - (key & 0xFFFFFFFF)
-
-    @triton.jit
-    def _top_k_of_groups_kernel(Z, MAXIMA, BEST, VALUES, IDS, ARGMAX, width, row_stride, groups, K: tl.constexpr,
-                                GROUP: tl.constexpr, GROUPS_P2: tl.constexpr, BLOCK_GROUP: tl.constexpr):
-        """Program `row`: BEST[row] = its K best groups, then VALUES/IDS[row] = the top K of their logits."""
-        row = tl.program_id(0).to(tl.int64)
-        g = tl.arange(0, GROUPS_P2)
-        m = tl.load(MAXIMA + row * groups + g, mask=g < groups, other=float("-inf")).to(tl.float32)
-        ranked = tl.sort(_keys(m, g), descending=True)  # padding: -inf at ids past the real groups, ranked last
-        tl.store(BEST + row * K + g, _key_index(ranked), mask=g < K)
-        tl.debug_barrier()  # the program's threads read back what others stored
-        chosen = tl.load(BEST + row * K + tl.arange(0, K))
-        offset = tl.arange(0, BLOCK_GROUP)
-        columns = chosen[:, None] * GROUP + offset[None, :]
-        inside = (offset[None, :] < GROUP) & (columns < width)
-        x = tl.load(Z + row * row_stride + columns, mask=inside, other=float("-inf")).to(tl.float32)
-        keys = tl.where(inside, _keys(x, columns), -0x7FFFFFFFFFFFFFFF)  # slots past a group or the row: last
-        top = tl.sort(tl.reshape(keys, [K * BLOCK_GROUP]), descending=True)
-        i = tl.arange(0, K * BLOCK_GROUP)
-        tl.store(VALUES + row * K + i, _key_value(top).to(VALUES.dtype.element_ty), mask=i < K)
-        tl.store(IDS + row * K + i, _key_index(top), mask=i < K)
-        tl.store(ARGMAX + row + i, _key_index(top), mask=i < 1)
-
 
     @triton.jit
     def _max_nan(a, b):

@@ -275,8 +275,7 @@ def top_k(z: torch.Tensor, k: int, group: int | None = None, with_argmax: bool =
 
     Why: torch.topk over a 248K vocabulary at 256 rows takes ~7x an argmax. On GPU it runs a
     prefilter instead: the max of each group of `group` consecutive logits (`group_max`, one read),
-    the k groups with the largest maxima, then the top k of those groups' k * group logits (for a
-    power-of-two k one Triton program per row, `top_k_of_groups_triton`; else torch.topk).
+    the k groups with the largest maxima, then torch.topk over those groups' k * group logits.
     Every top-k element lies in such a group (a group left out has k groups whose maxima are at
     least its own), so the values are torch.topk's; among equal values the ids may differ, which
     torch.topk does not define either. `group` forces a group size (0: plain torch.topk); by
@@ -289,12 +288,9 @@ def top_k(z: torch.Tensor, k: int, group: int | None = None, with_argmax: bool =
     if not group or -(-width // group) <= k:
         values, ids = torch.topk(z, k, dim=-1)
         return (values, ids, z.argmax(-1)) if with_argmax else (values, ids)
-    from pipo.model.group_max import group_max, top_k_of_groups_fits, top_k_of_groups_triton  # lazily: Triton
+    from pipo.model.group_max import group_max  # lazily: it imports Triton
 
     maxima = group_max(z, group)
-    if top_k_of_groups_fits(z, k, group):
-        values, ids, argmax = top_k_of_groups_triton(z, maxima, k, group)
-        return (values, ids, argmax) if with_argmax else (values, ids)
     values, ids = _top_k_of_groups(z, k, group, maxima)
     return (values, ids, _argmax_of_groups(z, group, maxima)) if with_argmax else (values, ids)
 
