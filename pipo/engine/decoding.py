@@ -401,9 +401,9 @@ class Decoder:
         """Short prefill forwards before any request: kernels that compile per shape class or autotune do it now
         rather than for seconds in the middle of a run. Triton specialises on whether a length divides by 16
         and on lengths of 1, torch.compile on one sequence or several, so every row count runs with a packed
-        length of each kind (multiples of 64, plus one), and lengths 1 and 2 run alone (the MTP
-        head's prefill runs `_mtp_lag` fewer entries). The rows' tables point at the sink block (their writes land there) and their
-        states are reset after."""
+        length of each kind (multiples of 64, plus one), and lengths 1 and 2 run alone (the MTP head's prefill
+        runs `_mtp_lag` fewer entries). The rows' tables point at the sink block (their writes land there) and
+        their states are reset after."""
         if not rows:
             return
         chunk = kernels.FLA_CHUNK
