@@ -194,6 +194,26 @@ def test_first_tokens_of_prompts_prefilled_together(pipo_model, qwen_regular, me
     check_no_leaks(engine)
 
 
+@pytest.mark.parametrize("method", ["regular", "pipo", "mtp", "eagle"])
+def test_an_idle_slot_inside_the_batch_stays_inside_its_table(pipo_model, qwen_regular, method):
+    """A slot whose sample ended sits idle between running ones, and its cache length grows with every step:
+    its positions must stay inside the block table (EAGLE's chained drafts ran past it, and PIPO's MTP step
+    before its positions came from the backbone step); every sample equals the one decoded alone."""
+    model = pipo_model("qwen3_5") if method == "pipo" else qwen_regular[0]
+    kw = dict(eos_token_ids=[], block_size=1, max_seq_len=26)
+    plan = [("a", [5, 6, 7], 22), ("b", list(range(30, 50)), 1), ("c", [8, 9, 10], 22)]
+    alone = Engine(model, method, max_batch_size=1, **kw)
+    expected = [alone.generate([prompt], GREEDY, max_new_tokens=new)[0][0].raw_ids for _, prompt, new in plan]
+    engine = Engine(model, method, max_batch_size=3, **kw)
+    for rid, prompt, new in plan:
+        engine.add_request(rid, prompt, GREEDY, max_new_tokens=new)
+    done = {}
+    while engine.has_unfinished():
+        done.update((u.request_id, u.completion.raw_ids) for u in engine.step() if u.finished)
+    assert [done[rid] for rid, *_ in plan] == expected
+    check_no_leaks(engine)
+
+
 def test_samples_start_in_the_step_that_prefills_their_prompt(qwen_regular):
     """The n samples of a prompt share one prefill forward and start decoding in its step (their first tokens
     come with the next step's updates, emission running one step late)."""

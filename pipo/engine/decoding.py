@@ -3,9 +3,11 @@
 A decoder owns the KV block pools, the block tables and the per-slot state of every
 running sequence (linear-attention states, last hidden, presence marks, sampling
 parameters and seed). `prefill` runs prompt positions `[lo, hi)` of several rows in one
-forward, packed end to end (and the MTP head's cache over the prompts' gold tokens); `first`
-samples the first token(s) of the slots prefilled in a step, in one batched call; `step`
-advances every active slot in rows `[0, B)` by one backbone pass. Model calls of a decode step
+forward, packed end to end (and the MTP head's cache over the prompts' gold tokens); `step`
+advances every active slot in rows `[0, B)` by one backbone pass. Regular and pipo prefill all but
+a feed's last unit and let the sequence's first step run it and sample its first token(s)
+(`decodes_last_unit`); mtp and eagle, whose steps take several positions, sample the first tokens of
+the slots prefilled in a step in one batched call (`first`). Model calls of a decode step
 go through `graphs.GraphedFn`, which replays CUDA graphs captured per batch-size bucket on GPU
 and runs eagerly elsewhere; `graphs.launch` starts the copy of a step's values to the host.
 Speculative acceptance (EAGLE) lives with the sampling code in `pipo.model.sampling`.
@@ -669,8 +671,9 @@ class EagleDecoder(Decoder):
             drafts.append(self._draw(q, rows, 1 + j))
             self.q[rows, j] = q
             seen[index, drafts[-1]] = True
-            if j < self.k - 1:
-                m, logits = self.mtp_step(rows, kv_len, drafts[-1][:, None], m, (base + j + 1)[:, None])
+            if j < self.k - 1:  # idle rows sit at the table's end: their positions stay inside it
+                position = (base + j + 1).clamp(max=self.capacity - 1)
+                m, logits = self.mtp_step(rows, kv_len, drafts[-1][:, None], m, position[:, None])
                 logits = logits[:, -1]
         self.pending[rows] = torch.stack([last, *drafts], dim=1)
 

@@ -544,8 +544,9 @@ class Engine:
         """While every decode slot is taken and fewer than `prefill_rows` queued samples have their prompt cached
         (or being prefilled ahead), start prefill jobs for the next waiting prompts in the free prefill rows:
         `_prefill` runs them together in one forward and `_park` leaves each prompt in the prefix cache. The queue
-        is taken in order up to the first prompt longer than one chunk (that one is prefilled when its sample
-        gets a slot), so a step never scans more than a few entries of a long queue."""
+        is taken in order up to the first prompt whose prefill is longer than one chunk (that one is prefilled
+        when its sample gets a slot), so a step never scans more than a few entries of a long queue; a prompt
+        with nothing to prefill (one unit, for regular and pipo) is passed over."""
         if self.free_slots or not self.free_rows:
             return
         ahead = {s.feed for s in self.prefilling if s.ahead}
@@ -557,9 +558,10 @@ class Engine:
         for seq in self.waiting:
             if not self.free_rows:
                 break
-            if len(seq.feed) // width > self.prefill_chunk:
+            length = self.decoder.prefill_length(len(seq.feed) // width)
+            if length > self.prefill_chunk:
                 break
-            if seq.raw or seq.feed in busy or seq.feed in self.prefix_cache.entries:
+            if not length or seq.raw or seq.feed in busy or seq.feed in self.prefix_cache.entries:
                 continue
             job = seq.prefill_job()
             if not self._start(job):
@@ -600,7 +602,8 @@ class Engine:
         """Cache a prompt it prefilled (`prefilled`: a forward finished it; else the cache served it whole) and move
         the sequence from its prefill row to its decode slot (its first step, or `_prefill`'s first-token call,
         samples its first token(s)). The pass that gives a fresh sample its first token counts once whoever ran
-        the prompt's prefill (as in the reference generators); a resumed sequence's counts one more."""
+        the prompt's prefill (as in the reference generators); a resumed sequence's prefill counts one more (for
+        regular and pipo that count is its first step's)."""
         self.prefilling.remove(seq)
         seq.stats.forward_passes += int((prefilled or not seq.raw) and not self.decoder.decodes_last_unit)
         if prefilled and not seq.raw:
