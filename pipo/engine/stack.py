@@ -17,8 +17,8 @@ attention and gated-delta-rule steps against preallocated buffers:
 Rows of a decode step are a contiguous range of slots (`rows: slice`), so every
 buffer access is a view and a decode step over slots `[0, B)` can be graph-captured;
 mtp and eagle's first-token calls over slots that are not contiguous name them by an index
-tensor (run eagerly). A batched prefill names its rows by an index tensor and packs its prompts' chunks end to
-end in one batch row (`Spans`), so no padding is computed: the conv reads each sequence's history
+tensor (run eagerly). A batched prefill names its rows by an index tensor and packs its
+prompts' chunks end to end in one batch row (`Spans`), so no padding is computed: the conv reads each sequence's history
 through gathered indices (`conv_indices`), the chunked delta rule runs fla's variable-length mode,
 and attention runs sequence by sequence without a mask (`prefill_attention`), so on CUDA SDPA can
 pick the flash or memory-efficient kernel and only one sequence's keys are gathered at a time.
