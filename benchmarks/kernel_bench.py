@@ -10,7 +10,9 @@ the prefilter's group maxima alone, Triton (`pipo/model/group_max.py`, at a few 
 torch's reshape-amax; and the sampler's top-k plus greedy token (`_sample_top_k`'s read of the logits) "before",
 today's `top_k` with torch's group maxima plus a separate argmax (close to, not exactly, the code before the
 Triton maxima), and now, Triton group maxima with the argmax derived from them. Since the Triton maxima,
-`top_k_us_by_group` times them too: compare it with older JSON results only knowing that.
+`top_k_us_by_group` times them too: compare it with older JSON results only knowing that. The prefilter's second
+stage on its candidates, torch.topk against the sort it runs; and a whole `sample_rows` (serving_bench's
+top-k 20, top-p 0.95) replayed as a CUDA graph, eager against `fused` (its stretches compiled, as the engine runs it).
 Times from `triton.testing.do_bench` (median, L2 flushed). Run on a GPU, a few seconds:
 `python benchmarks/kernel_bench.py [--out kernels.json]`; prints a table, then one JSON line.
 """
@@ -27,7 +29,7 @@ from triton.testing import do_bench
 
 from pipo.engine import delta_decode, kernels
 from pipo.model import group_max
-from pipo.model.sampling import TOP_K_GROUP, top_k
+from pipo.model.sampling import TOP_K_GROUP, RowNoise, RowParams, SamplingMode, SamplingParams, sample_rows, top_k
 
 
 def micros(fn) -> float:
@@ -72,6 +74,8 @@ def topk(rows: int, vocab: int, k: int, groups: list[int], blocks: list[int]) ->
     result["top_k_us"] = result["top_k_us_by_group"].get(TOP_K_GROUP) or micros(lambda: top_k(logits, k))
     result.update(group_maxima(logits, blocks))
     result.update(sampler_read(logits, k))
+    result.update(candidates(rows, k))
+    result.update(sampler_graphs(logits))
     return result
 
 
@@ -98,6 +102,39 @@ def sampler_read(logits: torch.Tensor, k: int) -> dict:
     now = top_k(logits, k, with_argmax=True)
     return {"sampler_before_us": before_us, "sampler_us": micros(lambda: top_k(logits, k, with_argmax=True)),
             "sampler_equal": all(torch.equal(a, b) for a, b in zip(now, expected))}
+
+
+def candidates(rows: int, k: int) -> dict:
+    """us of the prefilter's second stage on its k * TOP_K_GROUP candidates: torch.topk against a whole sort."""
+    cands = torch.randn(rows, k * TOP_K_GROUP, device="cuda", dtype=torch.bfloat16)
+    return {"candidates_topk_us": micros(lambda: torch.topk(cands, k, dim=-1)),
+            "candidates_sort_us": micros(lambda: cands.sort(dim=-1, descending=True))}
+
+
+def sampler_graphs(logits: torch.Tensor) -> dict:
+    """us of a whole `sample_rows` as the engine runs it, replayed as a CUDA graph: serving_bench's parameters
+    (temperature 1, top-p 0.95, top-k 20) on every row, eager and `fused` (compiled stretches); equal tokens?"""
+    rows = logits.shape[0]
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=20)
+    full = functools.partial(torch.full, (rows,), device="cuda")
+    row = RowParams(full(1.0), full(0.95), full(20), full(0.0), full(0.0))
+    noise = RowNoise(torch.arange(rows, device="cuda"), full(7), 0)
+    result, tokens = {}, {}
+    for name in ("eager", "fused"):
+        def run(fused: bool = name == "fused") -> torch.Tensor:
+            return sample_rows(logits, row, SamplingMode.of([params]), noise, fused=fused)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run(), run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            tokens[name] = run()
+        result[f"sample_rows_{name}_us"] = micros(graph.replay)
+    result["sample_rows_equal"] = torch.equal(tokens["eager"], tokens["fused"])
+    return result
 
 
 def rate(nbytes: int, us: float) -> str:
@@ -135,6 +172,10 @@ def report(delta: dict, tops: dict) -> None:
     print(f"sampler     top_k(with_argmax)        {rate(logit_bytes, tops['sampler_us'])}  "
           f"{tops['sampler_before_us'] / tops['sampler_us']:.2f}x faster than before")
     print(f"sampler     values, ids and greedy equal before's: {tops['sampler_equal']}")
+    print(f"candidates  torch.topk {tops['candidates_topk_us']:8.1f} us, sort {tops['candidates_sort_us']:8.1f} us")
+    print(f"sample_rows graph: eager {tops['sample_rows_eager_us']:8.1f} us, fused {tops['sample_rows_fused_us']:8.1f} us"
+          f"  {tops['sample_rows_eager_us'] / tops['sample_rows_fused_us']:.2f}x; same tokens: "
+          f"{tops['sample_rows_equal']}")
 
 
 def main() -> None:

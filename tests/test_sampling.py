@@ -14,13 +14,13 @@ from pipo.errors import PIPOError
 from pipo.model import sampling
 from pipo.model.group_max import group_max, group_max_torch
 from pipo.model.sampling import (
+    RowNoise,
     RowParams,
     SamplingMode,
     SamplingParams,
     apply_presence_penalty,
     probabilities,
     row_probabilities,
-    row_uniforms_at,
     sample,
     sample_logits,
     sample_rows,
@@ -91,7 +91,7 @@ def draw_reference(params: SamplingParams) -> torch.Tensor:
 def draw_engine(params: SamplingParams) -> torch.Tensor:
     """`sample_rows` with counter-based noise, one seed per row (rows with a top-k race over their candidates)."""
     seeds = torch.arange(DRAWS)
-    noise = lambda columns: row_uniforms_at(seeds, torch.zeros_like(seeds), 0, columns)  # noqa: E731
+    noise = RowNoise(seeds, torch.zeros_like(seeds), 0)
     return sample_rows(base_logits(DRAWS), row_params([params] * DRAWS), SamplingMode.of([params]), noise,
                        seen=seen_mask(DRAWS))
 
@@ -169,10 +169,26 @@ def test_top_k_rows_race_over_their_candidates_only():
     torch.manual_seed(0)
     logits, seeds = torch.randn(len(params), 50), torch.arange(len(params))
     for counter in range(30):
-        noise = lambda columns, c=counter: row_uniforms_at(seeds, seeds * 3 + c, 1, columns)  # noqa: E731
+        noise = RowNoise(seeds, seeds * 3 + counter, 1)
         fast = sample_rows(logits, rows, mode, noise)
         assert fast.tolist() == sample_rows(logits, rows, whole, noise).tolist()
         assert fast[2] == logits[2].argmax() and fast[5] == logits[5].argmax()
+
+
+def test_fused_sampler_draws_the_eager_tokens():
+    """`sample_rows(fused=True)`, its elementwise stretches through torch.compile as in the engine's graph
+    captures, draws the eager tokens: over the top-k candidates and over the whole vocabulary."""
+    params = [SamplingParams(1.0, 0.9, 5), SamplingParams(0.7, 1.0, 3), SamplingParams(0.0),
+              SamplingParams(1.0, 0.5, 8, 0.1), SamplingParams(2.0, 0.95, 20)]
+    rows, mode = row_params(params), SamplingMode.of(params)
+    whole = SamplingMode(mode.greedy, mode.penalty, mode.top_k, mode.top_p, mode.min_p, top_k_all=False)
+    torch.manual_seed(0)
+    logits, seeds = torch.randn(len(params), 300), torch.arange(len(params))
+    for each in (mode, whole):
+        for counter in range(3):
+            noise = RowNoise(seeds, seeds * 3 + counter, 1)
+            fused = sample_rows(logits, rows, each, noise, fused=True)
+            assert fused.tolist() == sample_rows(logits, rows, each, noise).tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -301,7 +317,7 @@ def test_prefiltered_top_k_sampler_draws_the_whole_vocabulary_race(monkeypatch):
     logits[4, 297] = 10.0  # a greedy row whose argmax sits in the ragged tail
     monkeypatch.setattr(sampling, "top_k", functools.partial(top_k, group=8))
     for counter in range(10):
-        noise = lambda columns, c=counter: row_uniforms_at(seeds, seeds * 3 + c, 1, columns)  # noqa: E731
+        noise = RowNoise(seeds, seeds * 3 + counter, 1)
         fast = sample_rows(logits, rows, mode, noise)
         assert fast.tolist() == sample_rows(logits, rows, whole, noise).tolist()
         assert fast[1] == logits[1].argmax() and fast[4] == 297

@@ -32,11 +32,11 @@ from pipo.engine.parts import ModelParts
 from pipo.engine.sequence import Sequence
 from pipo.engine.stack import PagedStack, Spans
 from pipo.model.sampling import (
+    RowNoise,
     RowParams,
     SamplingMode,
     SamplingParams,
     row_probabilities,
-    row_uniforms_at,
     sample_probs,
     sample_rows,
     seed32,
@@ -107,9 +107,6 @@ class Decoder:
         self.row = RowParams(floats[0], torch.ones(slots, device=self.device),
                              torch.zeros(slots, dtype=torch.long, device=self.device), floats[1], floats[2])
         self.seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
-        # the noise is a dozen elementwise integer ops over [B, columns]: one fused kernel when compiled (inside
-        # graph captures only, like the layers' segments: `graphs.capturing`)
-        self.compiled_uniforms = torch.compile(row_uniforms_at, dynamic=None) if config.compile_layers else None
         pool = torch.cuda.graph_pool_handle() if graphs else None
         self.backbone_step = GraphedFn(self._backbone_step, pool)
         self.mtp_step = GraphedFn(self._mtp_step, pool)
@@ -227,13 +224,16 @@ class Decoder:
         """Counter-based uniforms [B, width] of the rows at their current cache lengths (None when all greedy)."""
         if self.mode.greedy:
             return None
-        return self.noise(rows, salt)(torch.arange(width or self.vocab, device=self.device)[None])
+        return self.noise(rows, salt).at(torch.arange(width or self.vocab, device=self.device)[None], self.fused())
 
-    def noise(self, rows: slice, salt: int):
-        """`columns [B or 1, n] -> uniforms [B, n]`: the rows' counter-based noise at those ids."""
-        seeds, counters = self.seeds[rows], self.lengths[rows]
-        draw = self.compiled_uniforms if self.compiled_uniforms is not None and capturing() else row_uniforms_at
-        return lambda columns: draw(seeds, counters, salt, columns)
+    def noise(self, rows: slice, salt: int) -> RowNoise:
+        """The rows' counter-based noise: their seeds, their cache lengths as counters."""
+        return RowNoise(self.seeds[rows], self.lengths[rows], salt)
+
+    def fused(self) -> bool:
+        """Whether sampling's elementwise stretches run compiled: inside graph captures, like the layers'
+        segments (`graphs.capturing`); the noise alone is a dozen integer ops over [B, columns]."""
+        return self.config.compile_layers and capturing()
 
     def probs(self, logits: torch.Tensor, rows: slice, seen: torch.Tensor, repeat: int = 1) -> torch.Tensor:
         """Processed distributions of logits [B * repeat, V] (each row's `repeat` entries consecutive)."""
@@ -247,7 +247,8 @@ class Decoder:
         out-of-place ban copies the whole logits, ~60 us at 256 x 248K on an H200, twice per PIPO step)."""
         if self.banned is not None:
             logits.index_fill_(-1, self.banned, float("-inf"))
-        return sample_rows(logits, self.row[rows], self.mode, self.noise(rows, salt), None, self.seen[rows])
+        return sample_rows(logits, self.row[rows], self.mode, self.noise(rows, salt), None, self.seen[rows],
+                           self.fused())
 
     def live(self, seqs: dict[int, Sequence], values: list, stepped: bool, width: int):
         """`(sequence, its values)` for sequences still running; a `stepped` pass counts and grows them by `width`.
