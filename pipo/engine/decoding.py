@@ -266,6 +266,8 @@ class Decoder:
 
     def mark_seen(self, rows: slice | torch.Tensor, tokens: torch.Tensor, where: torch.Tensor | None = None) -> None:
         """Mark `tokens` [B] present in the rows (a range of slots, or the slots of an index tensor)."""
+        if not self.mode.penalty:  # only a presence penalty reads `seen`; the mode has one while any running row does
+            return
         if isinstance(rows, slice):
             seen, index = self.seen[rows], torch.arange(tokens.shape[0], device=tokens.device)
         else:
