@@ -13,6 +13,8 @@ Triton maxima), and now, Triton group maxima with the argmax derived from them. 
 `top_k_us_by_group` times them too: compare it with older JSON results only knowing that. The prefilter's second
 stage on its candidates, torch.topk against the sort it runs; and a whole `sample_rows` (serving_bench's
 top-k 20, top-p 0.95) replayed as a CUDA graph, eager against `fused` (its stretches compiled, as the engine runs it).
+Paged decode attention (`pipo/engine/flash_decode.py`, Qwen3.5-4B's 4 KV heads of 256, 4 query heads each)
+over rows of mixed lengths, at its default chunks per row and at forced ones.
 Times from `triton.testing.do_bench` (median, L2 flushed). Run on a GPU, a few seconds:
 `python benchmarks/kernel_bench.py [--out kernels.json]`; prints a table, then one JSON line.
 """
@@ -27,7 +29,7 @@ from unittest import mock
 import torch
 from triton.testing import do_bench
 
-from pipo.engine import delta_decode, kernels
+from pipo.engine import delta_decode, flash_decode, kernels
 from pipo.model import group_max
 from pipo.model.sampling import TOP_K_GROUP, RowNoise, RowParams, SamplingMode, SamplingParams, sample_rows, top_k
 
@@ -57,6 +59,29 @@ def delta_rule(rows: int, heads: int, v_heads: int, d: int) -> dict:
         fla = kernels._launch_config(launch, kernels.LAUNCH_CONFIGS, *shapes)
         result["fla_config"] = list(fla)
         result["fla_us"] = micros(lambda: launch(q, k, v, g, beta, state, state, *fla))
+    return result
+
+
+def paged_attention(rows: int, kv_heads: int, group: int, d: int, capacity: int, lengths: dict[str, tuple[int, int]],
+                    splits: list[int]) -> dict:
+    """us and TB/s of the paged decode attention (one query per row, blocks of 32) per row-length mix
+    (lengths uniform in [lo, hi]) at the default chunks and at forced chunks per row; the bytes are the
+    KV the rows hold. Its floor is the copy bandwidth (`delta_rule`'s state copy)."""
+    block_size = 32
+    per_row = capacity // block_size
+    pool_k, pool_v = torch.randn(2, rows * per_row, kv_heads, block_size, d, device="cuda",
+                                 dtype=torch.bfloat16).unbind(0)
+    tables = torch.randperm(rows * per_row, device="cuda").view(rows, per_row)
+    q = torch.randn(rows, kv_heads, group, d, device="cuda", dtype=torch.bfloat16)
+    result = {}
+    for name, (lo, hi) in lengths.items():
+        positions = torch.randint(lo, hi + 1, (rows, 1), device="cuda") - 1
+        nbytes = int(positions.sum() + rows) * kv_heads * d * 2 * 2
+        run = functools.partial(flash_decode.paged_decode_attention, q, pool_k, pool_v, tables, positions, d**-0.5)
+        times = {"default": micros(run), **{str(n): micros(lambda n=n: run(n_splits=n)) for n in splits}}
+        result[name] = {"bytes": nbytes, "default_splits": flash_decode.chunks(rows, kv_heads, capacity, 32,
+                                                                               flash_decode.multiprocessors()),
+                        "us": times}
     return result
 
 
@@ -141,9 +166,15 @@ def rate(nbytes: int, us: float) -> str:
     return f"{us:8.1f} us  {nbytes / us / 1e6:5.2f} TB/s"
 
 
-def report(delta: dict, tops: dict) -> None:
+def report(delta: dict, tops: dict, attention: dict) -> None:
     """The table: each time with its bytes rate, and the ratios to the floors."""
     state_bytes, logit_bytes = delta["state_bytes_rw"], tops["logit_bytes"]
+    copy_rate = state_bytes / delta["copy_us"]
+    for name, mix in attention.items():
+        for splits, us in mix["us"].items():
+            label = f"{splits} ({mix['default_splits']})" if splits == "default" else splits
+            print(f"attention   {name:14} chunks {label:14} {rate(mix['bytes'], us)}  "
+                  f"{mix['bytes'] / us / copy_rate:.3f} of copy")
     print(f"delta rule  state copy (floor)        {rate(state_bytes, delta['copy_us'])}")
     if "fla_us" in delta:
         print(f"delta rule  fla {delta['fla_config']!s:21} {rate(state_bytes, delta['fla_us'])}  "
@@ -189,15 +220,21 @@ def main() -> None:
     parser.add_argument("--groups", default="32,64,128,256,512", help="group sizes of top_k's prefilter to time")
     parser.add_argument("--blocks", default="2048,4096,8192,16384",
                         help="logits per Triton program of the group maxima to time")
+    parser.add_argument("--capacity", type=int, default=17408,
+                        help="keys per row's block table in the attention timing (PIPO's pairs at max_seq_len 32K)")
+    parser.add_argument("--splits", default="1,2,4,8", help="chunks per row to force in the attention timing")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     delta = delta_rule(args.rows, args.heads, args.v_heads, args.head_dim)
     tops = topk(args.rows, args.vocab, args.k, [int(g) for g in args.groups.split(",")],
                 [int(b) for b in args.blocks.split(",")])
-    report(delta, tops)
+    mixes = {"600-1900": (600, 1900), "256-16384": (256, 16384), "all 2048": (2048, 2048)}
+    attention = paged_attention(args.rows, 4, 4, 256, args.capacity, mixes, [int(n) for n in args.splits.split(",")])
+    report(delta, tops, attention)
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "args": vars(args), "delta_rule": delta, "top_k": tops}
+              "torch": torch.__version__, "args": vars(args), "delta_rule": delta, "top_k": tops,
+              "paged_attention": attention}
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as f:

@@ -313,11 +313,12 @@ def test_max_seq_len_beyond_the_models_positions_is_refused(qwen_regular):
 
 @TRITON_ON_CPU
 @pytest.mark.parametrize(
-    ("steps", "group", "block_size", "sms"),
-    [(2, 2, 16, 4), (1, 4, 64, 1), (4, 1, 32, 64)],  # eagle-like / one query, 2 tiles per block / many splits
+    ("steps", "group", "block_size", "sms", "n_splits"),
+    # eagle-like / one query, 2 tiles per block / many splits / more chunks than the short row has tiles
+    [(2, 2, 16, 4, None), (1, 4, 64, 1, None), (4, 1, 32, 64, None), (1, 2, 16, 1, 5)],
 )
-def test_paged_triton_kernel_matches_sdpa(steps, group, block_size, sms):
-    """The paged split-K kernel against SDPA over the gathered blocks."""
+def test_paged_triton_kernel_matches_sdpa(steps, group, block_size, sms, n_splits):
+    """The paged split-K kernel against SDPA over the gathered blocks; each row splits its own filled keys."""
     from pipo.engine import flash_decode
 
     device = "cpu"
@@ -328,7 +329,8 @@ def test_paged_triton_kernel_matches_sdpa(steps, group, block_size, sms):
     last = torch.tensor([block_size + 5, 3 * block_size - 1], device=device)  # mid-block / the table's last key
     positions = last[:, None] - torch.arange(steps - 1, -1, -1, device=device)
     q = torch.randn(batch, kv_heads, group * steps, d, device=device)
-    out = flash_decode.paged_decode_attention(q, pool_k, pool_v, tables, positions, d**-0.5, sms=sms)
+    out = flash_decode.paged_decode_attention(q, pool_k, pool_v, tables, positions, d**-0.5, sms=sms,
+                                              n_splits=n_splits)
     keys = pool_k[tables].transpose(1, 2).reshape(batch, kv_heads, blocks * block_size, d)
     values = pool_v[tables].transpose(1, 2).reshape(batch, kv_heads, blocks * block_size, d)
     mask = torch.arange(blocks * block_size, device=device)[None, None] <= positions[:, :, None]

@@ -2,11 +2,13 @@
 
 Why: a decode step has 1 to k+1 queries per row, so SDPA runs one program per (row,
 KV head) over the whole static capacity: 4 programs for 132 SMs at batch 1, with masked
-keys past each row's length still read. Here every (row, KV head) is split over the
-cache into enough chunks to fill the GPU, and a chunk past the row's furthest query
-position exits at once; so a step reads only the filled part of the cache while the grid
-stays fixed, as CUDA graphs need. A second small kernel merges the chunks' partial
-softmaxes. Queries of one KV head's group share each K/V tile (grouped-query attention).
+keys past each row's length still read. Here every (row, KV head) splits the filled part
+of its own cache (up to its furthest query position) into the same number of chunks, enough
+to fill the GPU: a step reads only what the rows hold, the grid stays fixed, as CUDA graphs
+need, and a long row's work spreads over as many programs as a short one's, so a batch of
+mixed lengths does not wait on one program reading the longest row. (Chunks laid over the
+static capacity instead left every row shorter than a chunk to one program.) A second small
+kernel merges the chunks' partial softmaxes. Queries of one KV head's group share each K/V tile (grouped-query attention).
 Keys are read through each row's block table: a tile of `BLOCK_N` keys lies inside one
 pool block (the block size is a multiple of `BLOCK_N`), found by one table load.
 """
@@ -48,7 +50,7 @@ if triton is not None:
     def _partial_kernel(
         Q, K, V, TABLE, POS, M, L, ACC,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_tb, stride_pb,
-        scale, n_rows, split_len,
+        scale, n_rows,
         HKV: tl.constexpr, STEPS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
         BS: tl.constexpr,
     ):
@@ -61,8 +63,10 @@ if triton is not None:
         dims = tl.arange(0, D)
         row_ok = rows < n_rows
         pos = tl.load(POS + b * stride_pb + rows % STEPS, mask=row_ok, other=-1)
-        lo = split * split_len
-        hi = tl.minimum(lo + split_len, tl.load(POS + b * stride_pb + STEPS - 1) + 1)  # the last query sees most
+        filled = tl.load(POS + b * stride_pb + STEPS - 1) + 1  # the last query sees most
+        per = tl.cdiv(tl.cdiv(filled, BLOCK), n_splits) * BLOCK  # keys per chunk: whole tiles, so chunk 0 holds key 0
+        lo = split * per
+        hi = tl.minimum(lo + per, filled)
         q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
@@ -88,7 +92,7 @@ if triton is not None:
         out = (bh * n_splits + split) * ROWS + rows
         tl.store(M + out, m)
         tl.store(L + out, l)
-        tl.store(ACC + out[:, None] * D + dims[None, :], acc)
+        tl.store(ACC + out[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])  # padding rows are never read
 
     @triton.jit
     def _merge_kernel(M, L, ACC, O, n_splits, n_rows, ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
@@ -113,28 +117,27 @@ if triton is not None:
         tl.store(O + (bh * n_rows + row) * D + dims, (acc / l).to(O.dtype.element_ty))
 
 
-def split_length(batch: int, kv_heads: int, capacity: int, block: int, sms: int) -> int:
-    """Keys per chunk: enough chunks over the capacity that (rows x KV heads x chunks) fills the GPU ~8 times."""
-    tiles = triton.cdiv(capacity, block)
-    chunks = max(1, min(tiles, triton.cdiv(8 * sms, batch * kv_heads)))
-    return triton.cdiv(tiles, chunks) * block
+def chunks(batch: int, kv_heads: int, capacity: int, block: int, sms: int) -> int:
+    """Chunks per (row, KV head): enough that the grid fills the GPU ~8 times over, at most a tile each
+    at the table's capacity."""
+    return max(1, min(triton.cdiv(capacity, block), triton.cdiv(8 * sms, batch * kv_heads)))
 
 
 def paged_decode_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor,
-    scale: float, sms: int | None = None,
+    scale: float, sms: int | None = None, n_splits: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of queries `q` [B, Hkv, G*T, D] (row g*T + t is query t of group head g) at `positions`
     [B, T] (non-decreasing along T) over pools [num_blocks, Hkv, block_size, D] through block tables
     [B, max_blocks]; the pools already hold the new keys. Returns [B, Hkv, G*T, D].
-    `sms` (multiprocessors) sizes the split; the current CUDA device's by default."""
+    `sms` (multiprocessors) sizes the split (`chunks`), the current CUDA device's by default; `n_splits`
+    forces the number of chunks per row."""
     batch, kv_heads, n_rows, d = q.shape
     block_size = k_pool.shape[2]
     block = tile(block_size)
     capacity = tables.shape[1] * block_size
     rows = max(16, triton.next_power_of_2(n_rows))
-    split = split_length(batch, kv_heads, capacity, block, sms or multiprocessors())
-    n_splits = triton.cdiv(capacity, split)
+    n_splits = n_splits or chunks(batch, kv_heads, capacity, block, sms or multiprocessors())
     q = q.contiguous()
     positions = positions.contiguous()
     m = torch.empty(batch * kv_heads * n_splits * rows, device=q.device, dtype=torch.float32)
@@ -144,7 +147,7 @@ def paged_decode_attention(
         q, k_pool, v_pool, tables, positions, m, l, acc,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), tables.stride(0), positions.stride(0),
-        scale, n_rows, split,
+        scale, n_rows,
         HKV=kv_heads, STEPS=positions.shape[1], ROWS=rows, D=d, BLOCK=block, BS=block_size, num_warps=4, num_stages=2,
     )
     out = torch.empty_like(q)
