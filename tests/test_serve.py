@@ -7,19 +7,22 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 import torch
-import uvicorn
-from openai import OpenAI
 
-from pipo import PIPOForCausalLM
-from pipo.engine import Engine
-from pipo.model.sampling import GREEDY
-from pipo.serve.app import create_app
-from pipo.serve.protocol import RequestError, parse_request
-from pipo.serve.runner import EngineRunner
-from pipo.serve.stream import TextStream, split_reasoning
+# the serving stack (installed with the project; a bare GPU machine running `pytest -m gpu` may lack it)
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+OpenAI = pytest.importorskip("openai").OpenAI
+pytest.importorskip("fastapi")
+
+from pipo import PIPOForCausalLM  # noqa: E402
+from pipo.engine import Engine  # noqa: E402
+from pipo.model.sampling import GREEDY  # noqa: E402
+from pipo.serve.app import create_app  # noqa: E402
+from pipo.serve.protocol import RequestError, parse_request  # noqa: E402
+from pipo.serve.runner import EngineRunner  # noqa: E402
+from pipo.serve.stream import TextStream, split_reasoning  # noqa: E402
 
 MODEL = "tiny-pipo"
 PROMPTS = ["1 + 2 =", "7 * 3 =", "the answer is", "5 - 4 =", "2 + 2 + 2 ="]
