@@ -6,11 +6,11 @@ keys past each row's length still read. Here every (row, KV head) splits the fil
 of its own cache (up to its furthest query position) into the same number of chunks, enough
 to fill the GPU: a step reads only what the rows hold, the grid stays fixed, as CUDA graphs
 need, and a long row's work spreads over as many programs as a short one's, so a batch of
-mixed lengths does not wait on one program reading the longest row. (Chunks laid over the
-static capacity instead left every row shorter than a chunk to one program.) A second small
-kernel merges the chunks' partial softmaxes. Queries of one KV head's group share each K/V tile (grouped-query attention).
-Keys are read through each row's block table: a tile of `BLOCK_N` keys lies inside one
-pool block (the block size is a multiple of `BLOCK_N`), found by one table load.
+mixed lengths does not wait on one program reading the longest row. A second small kernel
+merges the chunks' partial softmaxes. Queries of one KV head's group share each K/V tile
+(grouped-query attention). Keys are read through each row's block table: a tile of `BLOCK_N`
+keys lies inside one pool block (the block size is a multiple of `BLOCK_N`), found by one
+table load.
 """
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ if triton is not None:
 
 
 def chunks(batch: int, kv_heads: int, capacity: int, block: int, sms: int) -> int:
-    """Chunks per (row, KV head): enough that the grid fills the GPU ~8 times over, at most a tile each
-    at the table's capacity."""
+    """Chunks per (row, KV head): enough that the grid holds ~8 programs per multiprocessor, and no more
+    than a full table has tiles."""
     return max(1, min(triton.cdiv(capacity, block), triton.cdiv(8 * sms, batch * kv_heads)))
 
 
