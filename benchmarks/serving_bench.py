@@ -2,12 +2,13 @@
 
 256 prompts of 512-2K random tokens, n = 4 samples each, output lengths log-normal (median
 `--median`, capped at `--cap`), EOS ignored so lengths are as drawn. For `regular` and `pipo`
-(tau < 0) the engine runs the workload for `--seconds` of wall time after a warm-up and
-reports output tokens/s, peak memory, mean and max sequences in flight, preemptions and the
-prefix-block hit rate, next to (a) the static-slot reservation of the engine before paging:
-the same engine limited to the batch that reserving `--static-len` tokens per slot allows,
-and (b) the bytes-per-step bound: weights + KV actually read + linear states read and written,
-per step, over the measured copy bandwidth, summed over the steps the run made.
+(tau < 0) the engine runs the workload for `--seconds` of wall time after a warm-up (until
+every slot runs, then `--age` seconds more) and reports output tokens/s, peak memory, mean and
+max sequences in flight, their mean KV entries, preemptions and the prefix-block hit rate, next
+to (a) the static-slot reservation of the engine before paging: the same engine limited to the
+batch that reserving `--static-len` tokens per slot allows, and (b) the bytes-per-step bound:
+weights + KV actually read + linear states read and written, per step, over the measured copy
+bandwidth, summed over the steps the run made.
 Also builds the engine at the paper's settings (eval: batch 32 x 163840 on the 4B shape;
 rollout: batch 64 x 135168 on a 9B shape) and runs a few steps on each.
 """
@@ -86,12 +87,13 @@ class DeviceTime:
 
 
 def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int, bandwidth: float,
-                 fill: bool = True) -> dict:
+                 fill: bool = True, age: float = 0.0) -> dict:
     """Feed the workload, step for `seconds`, and report throughput against the bytes bound.
 
     `fill`: the window starts once every slot runs and no prompt is prefilling (the regime of
     most of a whole run), not during the first wave of admissions, whose prefill a short
-    window would otherwise mostly measure."""
+    window would otherwise mostly measure. `age`: seconds more of steps before the window, so
+    that it sees the longer contexts of a steady state, not sequences that all started together."""
     dec = engine.decoder
     layers = list(engine.parts.base.layers) + (list(engine.parts.mtp.layers) if engine.parts.mtp is not None else [])
     per_position = kv_bytes_per_block(layers, dec.block_size, engine.dtype) // dec.block_size
@@ -106,16 +108,21 @@ def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int,
     while warm < 20 or fill and warm < 2000 and (engine.prefilling or len(engine.running) < engine.max_batch_size):
         engine.step()
         warm += 1
+    aged = time.perf_counter()
+    while engine.has_unfinished() and time.perf_counter() - aged < age:
+        engine.step()
     torch.cuda.synchronize()
     engine.metrics.clear()
     for timer in timers.values():
         timer.reset()
-    tokens, bound_s, start = 0, 0.0, time.perf_counter()
+    tokens, bound_s, entries, running, start = 0, 0.0, 0, 0, time.perf_counter()
     while engine.has_unfinished() and time.perf_counter() - start < seconds:
         for update in engine.step():
             tokens += len(update.token_ids)
         if engine.running:
             bound_s += step_bound_bytes(engine, weights, per_position, state_rw) / bandwidth
+            entries += sum(s.length for s in engine.running.values())
+            running += len(engine.running)
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
     steps = max(1, engine.metrics["steps"])
@@ -123,6 +130,7 @@ def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int,
         "tok_s": tokens / wall, "bound_tok_s": tokens / bound_s if bound_s else float("nan"),
         "peak_GiB": torch.cuda.max_memory_allocated() / GiB, "mean_in_flight": engine.metrics["running_sum"] / steps,
         "max_in_flight": engine.metrics["running_max"], "preemptions": engine.metrics["preemptions"],
+        "mean_kv_entries": entries / max(1, running),  # per running sequence and step (PIPO: pairs)
         "prefix_hit_rate": engine.prefix_cache.hit_rate, "steps": steps, "wall_s": wall, "tokens": tokens,
         "num_blocks": engine.num_blocks, "max_batch": engine.max_batch_size,
         "decode_ms_per_step": timers["step"].total_ms() / steps, "prefill_ms": timers["prefill"].total_ms(),
@@ -171,6 +179,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--methods", default="regular,pipo", help="comma-separated; empty: construction only")
     parser.add_argument("--construct", default="eval,rollout")
+    parser.add_argument("--age", type=float, default=0.0,
+                        help="seconds of steps after the fill before the window (a steady state's longer contexts)")
     parser.add_argument("--no-fill", action="store_true", help="start the window after 20 warm-up steps, "
                         "during the first wave of admissions (the 2026-12-01 tables)")
     parser.add_argument("--out", default=None)
@@ -200,7 +210,7 @@ def main() -> None:
         engine = Engine(model, method, max_batch_size=args.max_batch, max_seq_len=args.cap + 2048 + 64,
                         eos_token_ids=[], **opts)
         rows[method] = run_workload(engine, prompts, lengths, args.seconds, weights[method], bandwidth,
-                                    not args.no_fill)
+                                    not args.no_fill, args.age)
         print(method, json.dumps(rows[method]), flush=True)
         if method == "regular":
             per_token = kv_bytes_per_block(list(causal_lm.model.layers), 1, torch.bfloat16)
@@ -213,7 +223,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             static = Engine(model, method, max_batch_size=batch, max_seq_len=args.cap + 2048 + 64, eos_token_ids=[])
             rows["static"] = run_workload(static, prompts, lengths, args.seconds, weights[method], bandwidth,
-                                          not args.no_fill)
+                                          not args.no_fill, args.age)
             print("static", json.dumps(rows["static"]), flush=True)
             del static
         else:
