@@ -7,7 +7,7 @@ our kernel (`pipo/engine/delta_decode.py`) at its timed config and at every conf
 Top-k over bf16 logits [rows, vocab] (default 256 x 248,320, k = 32): torch.topk, `sampling.top_k`'s group
 prefilter at a few group sizes (its values checked equal to torch.topk's), and argmax (one read: the floor);
 the prefilter's group maxima alone, Triton (`pipo/model/group_max.py`, at a few logits-per-program blocks) against
-torch's reshape-amax; and the sampler's top-k plus greedy token (`_sample_top_k`'s read of the logits) "before",
+torch's reshape-amax; and the sampler's top-k plus greedy token (`sample_rows`'s read of the logits under a top-k) "before",
 today's `top_k` with torch's group maxima plus a separate argmax (close to, not exactly, the code before the
 Triton maxima), and now, Triton group maxima with the argmax derived from them. Since the Triton maxima,
 `top_k_us_by_group` times them too: compare it with older JSON results only knowing that. The prefilter's second
@@ -79,15 +79,16 @@ def paged_attention(rows: int, kv_heads: int, group: int, d: int, capacity: int,
         nbytes = int(positions.sum() + rows) * kv_heads * d * 2 * 2
         run = functools.partial(flash_decode.paged_decode_attention, q, pool_k, pool_v, tables, positions, d**-0.5)
         times = {"default": micros(run), **{str(n): micros(lambda n=n: run(n_splits=n)) for n in splits}}
-        result[name] = {"bytes": nbytes, "default_splits": flash_decode.chunks(rows, kv_heads, capacity, 32,
-                                                                               flash_decode.multiprocessors()),
-                        "us": times}
+        default = flash_decode.chunk_count(rows, kv_heads, capacity, flash_decode.tile(block_size),
+                                           flash_decode.multiprocessors())
+        result[name] = {"bytes": nbytes, "default_splits": default, "us": times}
     return result
 
 
 def topk(rows: int, vocab: int, k: int, groups: list[int], blocks: list[int]) -> dict:
     """us of torch.topk, `top_k` per group size, and argmax over bf16 logits; whether `top_k`'s values match;
-    the group maxima and the sampler's read (`group_maxima`, `sampler_read`)."""
+    the group maxima, the sampler's read, the second stage and a whole sampling call (`group_maxima`,
+    `sampler_read`, `candidates`, `sampler_graphs`)."""
     logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
     expected = torch.topk(logits, k, dim=-1).values
     result = {"logit_bytes": logits.numel() * 2, "argmax_us": micros(lambda: logits.argmax(-1)),
@@ -118,7 +119,7 @@ def group_maxima(logits: torch.Tensor, blocks: list[int]) -> dict:
 
 
 def sampler_read(logits: torch.Tensor, k: int) -> dict:
-    """us of `_sample_top_k`'s top-k and greedy token: before (torch group maxima, then argmax) and now."""
+    """us of `sample_rows`'s top-k and greedy token: before (torch group maxima, then argmax) and now."""
     def before() -> tuple[torch.Tensor, ...]:
         return *top_k(logits, k), logits.argmax(-1)
 

@@ -198,7 +198,8 @@ def test_first_tokens_of_prompts_prefilled_together(pipo_model, qwen_regular, me
 def test_an_idle_slot_inside_the_batch_stays_inside_its_table(pipo_model, qwen_regular, method):
     """A slot whose sample ended sits idle between running ones, and its cache length grows with every step:
     its positions must stay inside the block table (EAGLE's chained drafts ran past it, and PIPO's MTP step
-    before its positions came from the backbone step); every sample equals the one decoded alone."""
+    before its positions came from the backbone step), and they sit at 0, so that its attention reads a few
+    keys, not the whole table; every sample equals the one decoded alone."""
     model = pipo_model("qwen3_5") if method == "pipo" else qwen_regular[0]
     kw = dict(eos_token_ids=[], block_size=1, max_seq_len=26)
     plan = [("a", [5, 6, 7], 22), ("b", list(range(30, 50)), 1), ("c", [8, 9, 10], 22)]
@@ -207,9 +208,16 @@ def test_an_idle_slot_inside_the_batch_stays_inside_its_table(pipo_model, qwen_r
     engine = Engine(model, method, max_batch_size=3, **kw)
     for rid, prompt, new in plan:
         engine.add_request(rid, prompt, GREEDY, max_new_tokens=new)
-    done = {}
+    done, idle_seen = {}, False
     while engine.has_unfinished():
         done.update((u.request_id, u.completion.raw_ids) for u in engine.step() if u.finished)
+        positions = engine.decoder.positions(3, 2)
+        for slot in set(range(3)) - set(engine.running):
+            idle_seen |= 0 < slot < max(engine.running, default=0)
+            assert positions[slot].tolist() == [0, 1]
+        for slot in engine.running:
+            assert positions[slot, 0] == min(engine.decoder.lengths[slot], engine.decoder.capacity - 1)
+    assert idle_seen
     assert [done[rid] for rid, *_ in plan] == expected
     check_no_leaks(engine)
 

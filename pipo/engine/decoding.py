@@ -248,7 +248,7 @@ class Decoder:
         if self.banned is not None:
             logits.index_fill_(-1, self.banned, float("-inf"))
         return sample_rows(logits, self.row[rows], self.mode, self.noise(rows, salt), None, self.seen[rows],
-                           self.fused())
+                           fused=self.fused())
 
     def live(self, seqs: dict[int, Sequence], values: list, stepped: bool, width: int):
         """`(sequence, its values)` for sequences still running; a `stepped` pass counts and grows them by `width`.
@@ -265,8 +265,10 @@ class Decoder:
             yield seq, values[slot if stepped else i]
 
     def mark_seen(self, rows: slice | torch.Tensor, tokens: torch.Tensor, where: torch.Tensor | None = None) -> None:
-        """Mark `tokens` [B] present in the rows (a range of slots, or the slots of an index tensor)."""
-        if not self.mode.penalty:  # only a presence penalty reads `seen`; the mode has one while any running row does
+        """Mark `tokens` [B] present in the rows (a range of slots, or the slots of an index tensor); nothing to do
+        while no running row has a presence penalty: only the penalty reads `seen`, and the mode has one from
+        the first token of any row that has one (a resumed row gets its tokens back in `reset`)."""
+        if not self.mode.penalty:
             return
         if isinstance(rows, slice):
             seen, index = self.seen[rows], torch.arange(tokens.shape[0], device=tokens.device)
@@ -277,16 +279,18 @@ class Decoder:
 
     # ---------------------------------------------------------------- slots
     def positions(self, batch: int, steps: int) -> torch.Tensor:
-        """Positions of the next `steps` entries of rows [0, B); idle rows are clamped inside the table."""
+        """Positions of the next `steps` entries of rows [0, B), inside the table. An idle row (its table at
+        the sink block 0, which no sequence holds) sits at 0: its attention reads `steps` keys, where its
+        growing length would make it read the whole table, the longest row of a draining batch."""
         offsets = torch.arange(steps, device=self.device)
-        return (self.lengths[:batch, None] + offsets).clamp(max=self.capacity - 1)
+        return (self.lengths[:batch, None] * (self.tables[:batch, :1] != 0) + offsets).clamp(max=self.capacity - 1)
 
     def advance(self, batch: int, entries: torch.Tensor | int) -> None:
         """Grow the rows' caches by `entries` (the host counts passes and lengths when it emits).
 
-        Idle rows grow too (their positions clamp inside the table, whose entries point at the
-        sink block 0, and a slot's length is set again when it next starts): a mask of the active
-        rows would be a host-to-device copy, which waits for the step's queued GPU work.
+        Idle rows grow too (their positions stay at 0, see `positions`, and a slot's length is set
+        again when it next starts): a mask of the active rows would be a host-to-device copy, which
+        waits for the step's queued GPU work.
         """
         self.lengths[:batch] += entries
 

@@ -64,9 +64,9 @@ if triton is not None:
         row_ok = rows < n_rows
         pos = tl.load(POS + b * stride_pb + rows % STEPS, mask=row_ok, other=-1)
         filled = tl.load(POS + b * stride_pb + STEPS - 1) + 1  # the last query sees most
-        per = tl.cdiv(tl.cdiv(filled, BLOCK), n_splits) * BLOCK  # keys per chunk: whole tiles, so chunk 0 holds key 0
-        lo = split * per
-        hi = tl.minimum(lo + per, filled)
+        keys_per_chunk = tl.cdiv(tl.cdiv(filled, BLOCK), n_splits) * BLOCK  # whole tiles: chunk 0 holds key 0
+        lo = split * keys_per_chunk
+        hi = tl.minimum(lo + keys_per_chunk, filled)
         q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
@@ -117,7 +117,7 @@ if triton is not None:
         tl.store(O + (bh * n_rows + row) * D + dims, (acc / l).to(O.dtype.element_ty))
 
 
-def chunks(batch: int, kv_heads: int, capacity: int, block: int, sms: int) -> int:
+def chunk_count(batch: int, kv_heads: int, capacity: int, block: int, sms: int) -> int:
     """Chunks per (row, KV head): enough that the grid holds ~8 programs per multiprocessor, and no more
     than a full table has tiles."""
     return max(1, min(triton.cdiv(capacity, block), triton.cdiv(8 * sms, batch * kv_heads)))
@@ -130,14 +130,14 @@ def paged_decode_attention(
     """Causal attention of queries `q` [B, Hkv, G*T, D] (row g*T + t is query t of group head g) at `positions`
     [B, T] (non-decreasing along T) over pools [num_blocks, Hkv, block_size, D] through block tables
     [B, max_blocks]; the pools already hold the new keys. Returns [B, Hkv, G*T, D].
-    `sms` (multiprocessors) sizes the split (`chunks`), the current CUDA device's by default; `n_splits`
+    `sms` (multiprocessors) sizes the split (`chunk_count`), the current CUDA device's by default; `n_splits`
     forces the number of chunks per row."""
     batch, kv_heads, n_rows, d = q.shape
     block_size = k_pool.shape[2]
     block = tile(block_size)
     capacity = tables.shape[1] * block_size
     rows = max(16, triton.next_power_of_2(n_rows))
-    n_splits = n_splits or chunks(batch, kv_heads, capacity, block, sms or multiprocessors())
+    n_splits = n_splits or chunk_count(batch, kv_heads, capacity, block, sms or multiprocessors())
     q = q.contiguous()
     positions = positions.contiguous()
     m = torch.empty(batch * kv_heads * n_splits * rows, device=q.device, dtype=torch.float32)

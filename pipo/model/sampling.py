@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -187,16 +188,28 @@ class RowNoise(NamedTuple):
         return compiled(row_uniforms_at, fused)(self.seeds, self.counters, self.salt, columns)
 
 
-def compiled(fn, fused: bool):
+def compiled(fn: Callable, fused: bool) -> Callable:
     """`fn` through torch.compile when `fused`, else itself. The engine fuses inside CUDA-graph captures only
     (its recurring shapes): there a dozen small kernels become one or two, each of which costs the step
     its few microseconds whatever its size."""
     return _compile(fn) if fused else fn
 
 
+# compiled variants allowed per function: one per sampling mode, salt, logits dtype and batch-size class;
+# past dynamo's default (8) a function would run eagerly, unfused, in every later capture of the process
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
-def _compile(fn):
-    return torch.compile(fn, dynamic=None)
+def _compile(fn: Callable) -> Callable:
+    """One torch.compile wrapper per function, so that every engine of the process reuses its variants."""
+    fused = torch.compile(fn, dynamic=None)
+
+    def call(*args):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return fused(*args)
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -289,6 +302,9 @@ def row_logits(
     return z, greedy
 
 
+# candidates up to which `top_k`'s second stage sorts them instead of torch.topk's radix select (H200, 256 rows
+# x 4,096 candidates: 29 vs 49 us in a graph; larger counts are not measured)
+SORT_CANDIDATES = 4096
 # logits per group in `top_k`'s prefilter (H200, 256 x 248K bf16 logits, k = 32: 292 us; groups of 64: 418 us, 32: 675 us)
 TOP_K_GROUP = 128
 
@@ -300,7 +316,7 @@ def top_k(z: torch.Tensor, k: int, group: int | None = None, with_argmax: bool =
 
     Why: torch.topk over a 248K vocabulary at 256 rows takes ~7x an argmax. On GPU it runs a
     prefilter instead: the max of each group of `group` consecutive logits (`group_max`, one read),
-    the k groups with the largest maxima, then torch.topk over those groups' k * group logits.
+    the k groups with the largest maxima, then the top k of those groups' k * group logits.
     Every top-k element lies in such a group (a group left out has k groups whose maxima are at
     least its own), so the values are torch.topk's; among equal values the ids may differ, which
     torch.topk does not define either. `group` forces a group size (0: plain torch.topk); by
@@ -321,7 +337,7 @@ def top_k(z: torch.Tensor, k: int, group: int | None = None, with_argmax: bool =
 
 
 def _top_k_of_groups(z: torch.Tensor, k: int, group: int, maxima: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`top_k`'s result from the group maxima [B, G] (G > k): torch.topk over the k best groups' logits.
+    """`top_k`'s result from the group maxima [B, G] (G > k): the top k of the k best groups' logits.
 
     A ragged last group's slots past the vocabulary take the ids at the same offsets in the
     (k+1)-th best group instead: real ids outside the chosen groups, whose logits are at most
@@ -333,10 +349,13 @@ def _top_k_of_groups(z: torch.Tensor, k: int, group: int, maxima: torch.Tensor) 
     columns = best[:, :k, None] * group + offsets
     if width % group:
         columns = torch.where(columns < width, columns, best[:, k:, None] * group + offsets)
-    columns = columns.flatten(1)
-    # a sort of the k * group candidates, not torch.topk's radix select on them (H200, 256 x 4,096: 29 vs 49 us)
-    values, picked = z.gather(1, columns).sort(dim=-1, descending=True)
-    return values[:, :k], columns.gather(1, picked[:, :k])
+    candidates = z.gather(1, columns.flatten(1))
+    if candidates.shape[-1] <= SORT_CANDIDATES:
+        values, picked = candidates.sort(dim=-1, descending=True)
+        values, picked = values[:, :k], picked[:, :k]
+    else:
+        values, picked = torch.topk(candidates, k, dim=-1)
+    return values, columns.flatten(1).gather(1, picked)
 
 
 def _argmax_of_groups(z: torch.Tensor, group: int, maxima: torch.Tensor) -> torch.Tensor:
@@ -372,7 +391,9 @@ def sample_rows(
     fused: bool = False,
 ) -> torch.Tensor:
     """One token per row of raw `logits` [B, V] with per-row parameters, drawn with the rows' counter-based
-    `noise` (None when every row is greedy); `fused`: the elementwise stretches run compiled (`compiled`).
+    `noise` (None when every row is greedy); `fused`: the elementwise stretches run compiled (`compiled`),
+    which draws from the same distribution, the same tokens up to float rounding (Triton's exp and scan
+    order on GPU can move a top-p cut by one candidate).
 
     The exponential race argmax(z - log E), E = -log U, picks i with probability softmax(z)_i.
     When every sampled row has a top-k, the race runs over the `mode.top_k` largest logits
@@ -395,17 +416,17 @@ def sample_rows(
 
 def _race_top_k(
     values: torch.Tensor, columns: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor,
-    top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, noise: RowNoise, nucleus: bool, floor: bool,
+    row_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, noise: RowNoise, use_top_p: bool, use_min_p: bool,
 ) -> torch.Tensor:
-    """`sample_rows`'s draw when every sampled row has a top-k: the transforms after the top-k run on the
-    candidates (`values` sorted descending, their ids `columns` [B, k]); `greedy` [B] is the argmax."""
+    """`sample_rows`'s draw when every sampled row has a top-k (`row_k` [B]): the transforms after the top-k
+    run on the candidates (`values` sorted descending, their ids `columns` [B, k]); `greedy` [B] is the argmax."""
     k = values.shape[-1]
     values = values.float() / _temperature(temperature)
-    kth = values.gather(1, (top_k.clamp(1, k) - 1)[:, None])
+    kth = values.gather(1, (row_k.clamp(1, k) - 1)[:, None])
     values = values.masked_fill(values < kth, float("-inf"))
-    if nucleus:
+    if use_top_p:
         values = values.masked_fill(values < _nucleus_floor(values, top_p), float("-inf"))
-    if floor:
+    if use_min_p:
         values = _min_p(values, min_p)
     pick = (values - (-noise.at(columns).log()).log()).argmax(-1, keepdim=True)
     return torch.where(temperature > 0, columns.gather(1, pick)[:, 0], greedy)
