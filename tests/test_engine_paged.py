@@ -222,6 +222,41 @@ def test_an_idle_slot_inside_the_batch_stays_inside_its_table(pipo_model, qwen_r
     check_no_leaks(engine)
 
 
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("method", ["regular", "pipo", "mtp", "eagle"])
+def test_running_rows_write_only_their_own_blocks(pipo_model, qwen_regular, method, block_size):
+    """Every cache entry that a running row's decode step or first-token call writes lies in a block of its own,
+    never in the sink block 0 that idle rows write (EAGLE's chained drafts ran past the blocks reserved for
+    them, in its first call and while a step was in flight: a sampled sample then depended on its batch);
+    the sampled sample decoded next to a slot that goes idle equals the one decoded alone."""
+    model = pipo_model("qwen3_5") if method == "pipo" else qwen_regular[0]
+    sampled = SamplingParams(temperature=1.0)
+    kw = dict(eos_token_ids=[], block_size=block_size, max_seq_len=64)
+    alone = Engine(model, method, max_batch_size=1, **kw).generate([[5, 6, 7, 8]], sampled, max_new_tokens=40,
+                                                                   seeds=[5])[0][0].raw_ids
+    engine = Engine(model, method, max_batch_size=3, **kw)
+    sink_writes = []
+
+    def watched(fn):
+        def call(rows, kv_len, *tensors):
+            tables, positions = engine.decoder.tables[rows], tensors[-1]
+            blocks = tables.gather(1, (positions // block_size).clamp(max=tables.shape[1] - 1))
+            sink_writes.extend(positions[(tables[:, :1] != 0) & (blocks == 0)].tolist())
+            return fn(rows, kv_len, *tensors)
+        return call
+
+    engine.decoder.backbone_step = watched(engine.decoder.backbone_step)
+    engine.decoder.mtp_step = watched(engine.decoder.mtp_step)
+    for rid, prompt, new, seed in [("a", [5, 6, 7, 8], 40, 5), ("x", [30, 31, 32], 2, 6), ("y", [40, 41], 40, 7)]:
+        engine.add_request(rid, prompt, sampled, max_new_tokens=new, seed=seed)
+    done = {}
+    while engine.has_unfinished():
+        done.update((u.request_id, u.completion.raw_ids) for u in engine.step() if u.finished)
+    assert sink_writes == []
+    assert done["a"] == alone
+    check_no_leaks(engine)
+
+
 def test_samples_start_in_the_step_that_prefills_their_prompt(qwen_regular):
     """The n samples of a prompt share one prefill forward and start decoding in its step (their first tokens
     come with the next step's updates, emission running one step late)."""

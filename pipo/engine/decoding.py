@@ -128,6 +128,18 @@ class Decoder:
     def room(self) -> int:
         return self.room_for(self.config)
 
+    @property
+    def reach(self) -> int:
+        """Cache entries past a row's length as the host counts it that the next step may write: the step
+        still in flight, whose entries the host has not counted yet, grows the row by up to `room`, then
+        the next step writes up to `room` entries."""
+        return 2 * self.room
+
+    @property
+    def first_room(self) -> int:
+        """Cache entries past a feed's end that the batched first-token call (`first`) writes."""
+        return 0
+
     @classmethod
     def capacity_probe(cls, max_seq_len: int, config: DecodeConfig) -> int:
         """Cache positions per sequence; the margin covers a last step's drafts past the token budget."""
@@ -137,7 +149,7 @@ class Decoder:
         """Keys a step attends over: the whole table under CUDA graphs, else just what the rows use."""
         if self.graphs_enabled:
             return self.capacity
-        return min(self.capacity, max(s.length for s in seqs.values()) + 2 * self.room + 1)
+        return min(self.capacity, max(s.length for s in seqs.values()) + self.reach + 1)
 
     def graph_examples(self, batch: int) -> list[tuple[GraphedFn, tuple[torch.Tensor, ...]]]:
         """The decode-step calls to capture for one batch-size bucket."""
@@ -639,6 +651,17 @@ class EagleDecoder(Decoder):
     def room_for(cls, config: DecodeConfig) -> int:
         return config.eagle_k + 1
 
+    @property
+    def reach(self) -> int:
+        """The step in flight grows a row by up to k + 1 entries; the next one verifies k + 1 and its chained
+        drafts run to k - 1 past the last accepted entry: 2k past the row's length on the device."""
+        return self.room + 2 * self.k
+
+    @property
+    def first_room(self) -> int:
+        """`first` drafts k - 1 chained entries past the feed's last position."""
+        return self.k - 1
+
     def graph_examples(self, batch):
         ids = torch.zeros(batch, self.k + 1, dtype=torch.long, device=self.device)
         hidden = self.h_last[:batch, None].expand(batch, self.k + 1, -1).contiguous()
@@ -678,7 +701,7 @@ class EagleDecoder(Decoder):
             drafts.append(self._draw(q, rows, 1 + j))
             self.q[rows, j] = q
             seen[index, drafts[-1]] = True
-            if j < self.k - 1:  # idle rows sit at the table's end: their positions stay inside it
+            if j < self.k - 1:  # a row at the end of its budget: its draft positions stay inside the table
                 position = (base + j + 1).clamp(max=self.capacity - 1)
                 m, logits = self.mtp_step(rows, kv_len, drafts[-1][:, None], m, position[:, None])
                 logits = logits[:, -1]

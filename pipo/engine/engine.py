@@ -447,13 +447,14 @@ class Engine:
 
     def _start(self, seq: Sequence) -> bool:
         """Take a decode slot (none for a prefill ahead), a prefill row and the blocks of the sequence's feed
-        (sharing a cached prefix). A prefill ahead evicts nothing and leaves blocks free for the running sequences."""
+        (sharing a cached prefix) and of what its first-token call writes past it (EAGLE's first drafts).
+        A prefill ahead evicts nothing and leaves blocks free for the running sequences."""
         w, bs = self.decoder.unit_width, self.decoder.block_size
         total = len(seq.feed) // w
         hit = self.prefix_cache.lookup(seq.feed, w, bs)
         shared = hit.blocks[: self._full_blocks(hit.length)] if hit is not None else []
         tail = hit is not None and len(hit.blocks) > len(shared)
-        need = -(-total // bs) - len(shared)
+        need = -(-min(total + self.decoder.first_room, self.decoder.capacity) // bs) - len(shared)
         if hit is not None:
             self.pool.share(hit.blocks)  # pin the entry's blocks while eviction runs
         # a prefill ahead leaves what the running sequences may soon ask for: a block each, and an eighth of the pool
@@ -617,7 +618,7 @@ class Engine:
 
     def _reserve_decode_blocks(self) -> None:
         """Blocks for every position the next step may write; evict cached prompts, then preempt the newest."""
-        bs, reach = self.decoder.block_size, 2 * self.decoder.room
+        bs, reach = self.decoder.block_size, self.decoder.reach
         while True:
             wants = []
             for seq in self.running.values():

@@ -204,9 +204,10 @@ RECOMPILE_LIMIT = 64
 def _compile(fn: Callable) -> Callable:
     """One torch.compile wrapper per function, so that every engine of the process reuses its variants."""
     fused = torch.compile(fn, dynamic=None)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
 
     def call(*args):
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(**{limit: RECOMPILE_LIMIT}):
             return fused(*args)
 
     return call
