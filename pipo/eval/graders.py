@@ -6,21 +6,22 @@ thought may still have boxed an answer).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import json
 import logging
 import math
+import multiprocessing
+import os
 import re
-import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pipo.data.problems import GRADERS
-from pipo.eval.sandbox import SandboxConfig, Status, run_program, run_python
+from pipo.errors import PIPOError
+from pipo.eval.sandbox import SandboxConfig, Status, die_with_parent, run_program, run_python
 
 
 # Which grader a benchmark uses unless its record says otherwise (metadata["grader"]).
@@ -145,33 +146,8 @@ def extract_choice(text: str) -> str | None:
 # Math
 # ---------------------------------------------------------------------------------------
 
-class GraderTimeout(BaseException):
-    """Raised inside math-verify when its time is up (BaseException: it must not be
-    swallowed by math-verify's or sympy's ``except Exception``)."""
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float | None) -> Iterator[None]:
-    """SIGALRM deadline in the main thread; elsewhere signals are unavailable and the
-    call runs unguarded (scoring grades math in a main thread)."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise GraderTimeout()
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 class _DropTimeoutWarning(logging.Filter):
-    """math-verify warns that its own timeout is off; ours (``_deadline``) replaces it."""
+    """math-verify warns that its own timeout is off; the child's deadline (`_MathChild`) replaces it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Timeout is disabled")
@@ -194,28 +170,98 @@ def _parse_free_text(text: str) -> list:
     return parse(text, parsing_timeout=None)
 
 
+def _verify(reference: str, boxed: str | None, region: str) -> tuple:
+    """The math check itself: ("ok", correct, shown answer), or why there is none ("reference" / "answer")."""
+    from math_verify import verify
+
+    gold = _parse_boxed(reference)
+    if not gold:
+        return ("reference",)
+    pred = _parse_boxed(boxed) if boxed is not None else _parse_free_text(region[-_FALLBACK_TAIL_CHARS:])
+    if not pred:
+        return ("answer",)
+    return ("ok", verify(gold, pred, timeout_seconds=None), boxed if boxed is not None else str(pred[-1]))
+
+
+def _serve_math(conn, parent_pid: int) -> None:
+    """The child's loop: import math-verify once, then answer `_verify` requests until the pipe closes."""
+    die_with_parent(parent_pid)
+    _verify("1", "1", "")  # the imports (sympy) and parsers a first check builds, before any deadline runs
+    conn.send(("ready",))
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(_verify(*request))
+        except Exception as error:  # a parser bug on odd input is one failed grade, not a dead child
+            conn.send(("error", f"{type(error).__name__}: {error}"))
+
+
+class _MathChild:
+    """math-verify in a child process, killed (and started again on the next check) when a check passes its
+    deadline. A SIGALRM in this process could not bound it: Python runs a signal handler between bytecodes,
+    and sympy evaluates an answer like 9^{9^{9^9}} in one bigint power, which held the grader for hours."""
+
+    START_TIMEOUT_S = 120.0  # a fresh child's imports and first check, on a loaded machine
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.process = None
+        self.conn = None
+
+    def check(self, request: tuple, timeout_s: float | None) -> tuple | None:
+        """`_verify(*request)` in the child; None when it ran past `timeout_s` (the child is then killed)."""
+        with self.lock:
+            if self.process is None or not self.process.is_alive():
+                self._start()
+            self.conn.send(request)
+            if timeout_s and not self.conn.poll(timeout_s):
+                self._stop()
+                return None
+            return self.conn.recv()
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve_math, args=(child, os.getpid()), daemon=True,
+                                       name="pipo-math-verify")
+        self.process.start()
+        child.close()
+        if not self.conn.poll(self.START_TIMEOUT_S):
+            self._stop()
+            raise PIPOError(f"the math-verify child did not start within {self.START_TIMEOUT_S:g} s")
+        self.conn.recv()
+
+    def _stop(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+        self.process = self.conn = None
+
+
+_MATH = _MathChild()
+
+
 def grade_math(completion: str, reference: str, timeout_s: float = DEFAULT_MATH_TIMEOUT_S) -> GradeResult:
     """Answer equivalence with math-verify (``1/2 == 0.5 == \\frac{1}{2}``, ``x=5 == 5``).
 
     The last box of the answer is compared; without a box, math-verify's own extraction
-    runs on the end of the answer. The whole check is bounded by ``timeout_s``.
+    runs on the end of the answer. The whole check is bounded by ``timeout_s`` (`_MathChild`).
     """
-    from math_verify import verify
-
     region = answer_region(completion)
     boxed = extract_boxed(region)
-    try:
-        with _deadline(timeout_s):
-            gold = _parse_boxed(reference)
-            if not gold:
-                return GradeResult(False, f"reference {reference!r} does not parse")
-            pred = _parse_boxed(boxed) if boxed is not None else _parse_free_text(region[-_FALLBACK_TAIL_CHARS:])
-            if not pred:
-                return GradeResult(False, "no answer found", boxed)
-            correct = verify(gold, pred, timeout_seconds=None)
-    except GraderTimeout:
+    result = _MATH.check((reference, boxed, region), timeout_s)
+    if result is None:
         return GradeResult(False, f"math-verify timed out after {timeout_s:g}s", boxed)
-    shown = boxed if boxed is not None else str(pred[-1])
+    if result[0] == "reference":
+        return GradeResult(False, f"reference {reference!r} does not parse")
+    if result[0] == "answer":
+        return GradeResult(False, "no answer found", boxed)
+    if result[0] == "error":
+        return GradeResult(False, f"math-verify failed: {result[1]}", boxed)
+    _, correct, shown = result
     suffix = "" if boxed is not None else " (no box; fallback extraction)"
     return GradeResult(correct, ("correct" if correct else "wrong answer") + suffix, shown)
 
