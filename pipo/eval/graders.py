@@ -11,9 +11,11 @@ import enum
 import json
 import logging
 import math
-import multiprocessing
 import os
 import re
+import select
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -180,65 +182,70 @@ def _verify(reference: str, boxed: str | None, region: str) -> tuple:
     pred = _parse_boxed(boxed) if boxed is not None else _parse_free_text(region[-_FALLBACK_TAIL_CHARS:])
     if not pred:
         return ("answer",)
-    return ("ok", verify(gold, pred, timeout_seconds=None), boxed if boxed is not None else str(pred[-1]))
+    return ("ok", bool(verify(gold, pred, timeout_seconds=None)), boxed if boxed is not None else str(pred[-1]))
 
 
-def _serve_math(conn, parent_pid: int) -> None:
-    """The child's loop: import math-verify once, then answer `_verify` requests until the pipe closes."""
+def _serve_math(parent_pid: int) -> None:
+    """The child's loop: JSON lines of `_verify` arguments on stdin, of its results on the protocol's fd
+    (stdout itself then goes to stderr, so nothing a library prints can break the protocol)."""
     die_with_parent(parent_pid)
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
     _verify("1", "1", "")  # the imports (sympy) and parsers a first check builds, before any deadline runs
-    conn.send(("ready",))
-    while True:
+    replies.write(json.dumps(["ready"]) + "\n")
+    for line in sys.stdin:
         try:
-            request = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send(_verify(*request))
+            result = _verify(*json.loads(line))
         except Exception as error:  # a parser bug on odd input is one failed grade, not a dead child
-            conn.send(("error", f"{type(error).__name__}: {error}"))
+            result = ("error", f"{type(error).__name__}: {error}")
+        replies.write(json.dumps(result) + "\n")
 
 
 class _MathChild:
     """math-verify in a child process, killed (and started again on the next check) when a check passes its
     deadline. A SIGALRM in this process could not bound it: Python runs a signal handler between bytecodes,
-    and sympy evaluates an answer like 9^{9^{9^9}} in one bigint power, which held the grader for hours."""
+    and sympy evaluates an answer like 9^{9^{9^9}} in one bigint power, which held the grader for hours.
+    A plain subprocess, not multiprocessing: spawning re-runs the parent's main script, a Snakemake script
+    that has no main guard."""
 
     START_TIMEOUT_S = 120.0  # a fresh child's imports and first check, on a loaded machine
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.process = None
-        self.conn = None
+        self.process: subprocess.Popen | None = None
 
     def check(self, request: tuple, timeout_s: float | None) -> tuple | None:
         """`_verify(*request)` in the child; None when it ran past `timeout_s` (the child is then killed)."""
         with self.lock:
-            if self.process is None or not self.process.is_alive():
+            if self.process is None or self.process.poll() is not None:
                 self._start()
-            self.conn.send(request)
-            if timeout_s and not self.conn.poll(timeout_s):
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            reply = self._reply(timeout_s)
+            if reply is None:
                 self._stop()
-                return None
-            return self.conn.recv()
+            return reply
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve_math, args=(child, os.getpid()), daemon=True,
-                                       name="pipo-math-verify")
-        self.process.start()
-        child.close()
-        if not self.conn.poll(self.START_TIMEOUT_S):
+        code = f"from pipo.eval.graders import _serve_math; _serve_math({os.getpid()})"
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, bufsize=1)
+        if self._reply(self.START_TIMEOUT_S) is None:
             self._stop()
             raise PIPOError(f"the math-verify child did not start within {self.START_TIMEOUT_S:g} s")
-        self.conn.recv()
+
+    def _reply(self, timeout_s: float | None) -> tuple | None:
+        """The child's next line, or None when none came within `timeout_s` or the child died."""
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
+        line = self.process.stdout.readline() if ready else ""
+        return tuple(json.loads(line)) if line else None
 
     def _stop(self) -> None:
         self.process.kill()
-        self.process.join()
-        self.conn.close()
-        self.process = self.conn = None
+        self.process.wait()
+        self.process.stdin.close()
+        self.process.stdout.close()
+        self.process = None
 
 
 _MATH = _MathChild()
