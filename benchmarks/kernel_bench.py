@@ -30,6 +30,7 @@ import torch
 from triton.testing import do_bench
 
 from pipo.engine import delta_decode, flash_decode, kernels
+from pipo.engine.graphs import GraphedFn
 from pipo.model import group_max
 from pipo.model.sampling import TOP_K_GROUP, RowNoise, RowParams, SamplingMode, SamplingParams, sample_rows, top_k
 
@@ -145,20 +146,13 @@ def sampler_graphs(logits: torch.Tensor) -> dict:
     full = functools.partial(torch.full, (rows,), device="cuda")
     row = RowParams(full(1.0), full(0.95), full(20), full(0.0), full(0.0))
     noise = RowNoise(torch.arange(rows, device="cuda"), full(7), 0)
-    result, tokens = {}, {}
+    result, tokens, every = {}, {}, slice(0, rows)
     for name in ("eager", "fused"):
-        def run(fused: bool = name == "fused") -> torch.Tensor:
-            return sample_rows(logits, row, SamplingMode.of([params]), noise, fused=fused)
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run(), run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            tokens[name] = run()
-        result[f"sample_rows_{name}_us"] = micros(graph.replay)
+        graphed = GraphedFn(lambda _rows, _kv_len, z, fused=name == "fused": sample_rows(
+            z, row, SamplingMode.of([params]), noise, fused=fused))
+        graphed.capture(every, 0, logits, share=True)
+        tokens[name] = graphed.output(every, 0, logits)
+        result[f"sample_rows_{name}_us"] = micros(lambda g=graphed: g(every, 0, logits))
     result["sample_rows_equal"] = torch.equal(tokens["eager"], tokens["fused"])
     return result
 

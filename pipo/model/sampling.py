@@ -350,13 +350,14 @@ def _top_k_of_groups(z: torch.Tensor, k: int, group: int, maxima: torch.Tensor) 
     columns = best[:, :k, None] * group + offsets
     if width % group:
         columns = torch.where(columns < width, columns, best[:, k:, None] * group + offsets)
-    candidates = z.gather(1, columns.flatten(1))
+    columns = columns.flatten(1)
+    candidates = z.gather(1, columns)
     if candidates.shape[-1] <= SORT_CANDIDATES:
         values, picked = candidates.sort(dim=-1, descending=True)
         values, picked = values[:, :k], picked[:, :k]
     else:
         values, picked = torch.topk(candidates, k, dim=-1)
-    return values, columns.flatten(1).gather(1, picked)
+    return values, columns.gather(1, picked)
 
 
 def _argmax_of_groups(z: torch.Tensor, group: int, maxima: torch.Tensor) -> torch.Tensor:
