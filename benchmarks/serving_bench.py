@@ -3,7 +3,7 @@
 256 prompts of 512-2K random tokens, n = 4 samples each, output lengths log-normal (median
 `--median`, capped at `--cap`), EOS ignored so lengths are as drawn. For `regular` and `pipo`
 (tau < 0) the engine runs the workload for `--seconds` of wall time after a warm-up (until
-every slot runs, then `--age` seconds more) and reports output tokens/s, peak memory, mean and
+every slot runs, then until `--age-tokens` more output tokens are out) and reports output tokens/s, peak memory, mean and
 max sequences in flight, their mean KV entries, preemptions and the prefix-block hit rate, next
 to (a) the static-slot reservation of the engine before paging: the same engine limited to the
 batch that reserving `--static-len` tokens per slot allows, and (b) the bytes-per-step bound:
@@ -87,13 +87,15 @@ class DeviceTime:
 
 
 def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int, bandwidth: float,
-                 fill: bool = True, age: float = 0.0) -> dict:
+                 fill: bool = True, age_tokens: int = 0) -> dict:
     """Feed the workload, step for `seconds`, and report throughput against the bytes bound.
 
     `fill`: the window starts once every slot runs and no prompt is prefilling (the regime of
     most of a whole run), not during the first wave of admissions, whose prefill a short
-    window would otherwise mostly measure. `age`: seconds more of steps before the window, so
-    that it sees the longer contexts of a steady state, not sequences that all started together."""
+    window would otherwise mostly measure. `age_tokens`: output tokens more before the window, so
+    that it sees the longer contexts of a steady state, not sequences that all started together;
+    counted in tokens, not seconds, so that every method's window sees the same population (a
+    sequence's length in tokens is drawn, so the same requests have finished)."""
     dec = engine.decoder
     layers = list(engine.parts.base.layers) + (list(engine.parts.mtp.layers) if engine.parts.mtp is not None else [])
     per_position = kv_bytes_per_block(layers, dec.block_size, engine.dtype) // dec.block_size
@@ -108,9 +110,9 @@ def run_workload(engine: Engine, prompts, lengths, seconds: float, weights: int,
     while warm < 20 or fill and warm < 2000 and (engine.prefilling or len(engine.running) < engine.max_batch_size):
         engine.step()
         warm += 1
-    aged = time.perf_counter()
-    while engine.has_unfinished() and time.perf_counter() - aged < age:
-        engine.step()
+    aged = 0
+    while engine.has_unfinished() and aged < age_tokens:
+        aged += sum(len(update.token_ids) for update in engine.step())
     torch.cuda.synchronize()
     engine.metrics.clear()
     for timer in timers.values():
@@ -151,6 +153,14 @@ def static_batch(engine_kv_per_token: int, state: int, budget: float, static_len
     return max(1, min(256, int(budget // (static_len * engine_kv_per_token + state))))
 
 
+def paged_budget(engine: Engine) -> tuple[int, int]:
+    """The paged `regular` engine's KV pool bytes and one slot's state bytes: what the static engine's
+    reservation gets, so that both hold the same memory."""
+    layers = list(engine.parts.base.layers)
+    return (engine.num_blocks * kv_bytes_per_block(layers, engine.decoder.block_size, engine.dtype),
+            slot_state_bytes(engine.parts, "regular", 1, engine.dtype))
+
+
 def construct(model, method: str, batch: int, max_seq_len: int, **opts) -> dict:
     """Build the engine at a paper setting, run a few short requests, report memory."""
     start = time.perf_counter()
@@ -177,10 +187,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--static-len", type=int, default=32768)
     parser.add_argument("--max-batch", type=int, default=256)
-    parser.add_argument("--methods", default="regular,pipo", help="comma-separated; empty: construction only")
+    parser.add_argument("--methods", default="regular,static,pipo",
+                        help="comma-separated (static: the slot reservation of the engine before paging, in the "
+                        "paged regular engine's memory); empty: construction only")
     parser.add_argument("--construct", default="eval,rollout")
-    parser.add_argument("--age", type=float, default=0.0,
-                        help="seconds of steps after the fill before the window (a steady state's longer contexts)")
+    parser.add_argument("--age-tokens", type=int, default=0,
+                        help="output tokens after the fill before the window (a steady state's longer contexts)")
     parser.add_argument("--no-fill", action="store_true", help="start the window after 20 warm-up steps, "
                         "during the first wave of admissions (the 2026-12-01 tables)")
     parser.add_argument("--out", default=None)
@@ -204,30 +216,29 @@ def main() -> None:
     body = nbytes(causal_lm.model.layers) + nbytes(causal_lm.model.norm)
     weights = {"regular": body + lm,
                "pipo": body + 2 * lm + nbytes(pipo.mtp) + nbytes(pipo.compressor) + nbytes(pipo.confidence_head)}
-    rows = {}
+    rows, budget = {}, None
+    max_seq_len = args.cap + 2048 + 64
     for method in filter(None, args.methods.split(",")):
         model, opts = (pipo, {"conf_threshold": -1.0}) if method == "pipo" else (causal_lm, {})
-        engine = Engine(model, method, max_batch_size=args.max_batch, max_seq_len=args.cap + 2048 + 64,
-                        eos_token_ids=[], **opts)
-        rows[method] = run_workload(engine, prompts, lengths, args.seconds, weights[method], bandwidth,
-                                    not args.no_fill, args.age)
-        print(method, json.dumps(rows[method]), flush=True)
-        if method == "regular":
+        if method == "static":
+            if budget is None:
+                budget = paged_budget(Engine(causal_lm, "regular", max_batch_size=args.max_batch,
+                                           max_seq_len=max_seq_len, eos_token_ids=[]))
+                gc.collect()
+                torch.cuda.empty_cache()
             per_token = kv_bytes_per_block(list(causal_lm.model.layers), 1, torch.bfloat16)
-            state = slot_state_bytes(engine.parts, "regular", 1, torch.bfloat16)
-            pool = engine.num_blocks * kv_bytes_per_block(list(causal_lm.model.layers), engine.decoder.block_size,
-                                                          torch.bfloat16)
-            batch = static_batch(per_token, state, pool + args.max_batch * state, args.static_len)
-            del engine
-            gc.collect()
-            torch.cuda.empty_cache()
-            static = Engine(model, method, max_batch_size=batch, max_seq_len=args.cap + 2048 + 64, eos_token_ids=[])
-            rows["static"] = run_workload(static, prompts, lengths, args.seconds, weights[method], bandwidth,
-                                          not args.no_fill, args.age)
-            print("static", json.dumps(rows["static"]), flush=True)
-            del static
-        else:
-            del engine
+            kv, state = budget
+            batch = static_batch(per_token, state, kv + args.max_batch * state, args.static_len)
+        engine = Engine(model, "regular" if method == "static" else method,
+                        max_batch_size=batch if method == "static" else args.max_batch, max_seq_len=max_seq_len,
+                        eos_token_ids=[], **opts)
+        if method == "regular":
+            budget = paged_budget(engine)
+        rows[method] = run_workload(engine, prompts, lengths, args.seconds,
+                                    weights["pipo" if method == "pipo" else "regular"], bandwidth,
+                                    not args.no_fill, args.age_tokens)
+        print(method, json.dumps(rows[method]), flush=True)
+        del engine
         gc.collect()
         torch.cuda.empty_cache()
     if "regular" in rows and "static" in rows:
