@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipo.engine import Engine, load_regular
-from pipo.errors import PIPOError
+from pipo.errors import PIPOError, ShapeError
 from pipo.model.reference import generate_mtp_reference, generate_pipo_reference, generate_regular_reference
 from pipo.model.sampling import GREEDY, SamplingParams
 from pipo.serve.stream import TextStream
@@ -33,10 +33,12 @@ def distinct_prompts(count: int) -> list[list[int]]:
 
 
 def tight_engine(model, method, spare: int = 4, **kw) -> Engine:
-    """An engine whose pool holds one sequence of max_seq_len and `spare` blocks more: sequences get preempted."""
-    probe = Engine(model, method, eos_token_ids=EOS, num_blocks=64, **TIGHT, **kw)
-    engine = Engine(model, method, eos_token_ids=EOS, num_blocks=probe.blocks_per_seq + spare, **TIGHT, **kw)
-    return engine
+    """An engine whose pool holds one sequence of max_seq_len and `spare` blocks more: sequences get preempted.
+    PIPO's pool holds one sequence of max_seq_len pairs (at tau >= 1 each pair shows one token), while its
+    samples here use about half that: it runs twice the rows to run out."""
+    kw = {**TIGHT, **({"max_batch_size": 2 * TIGHT["max_batch_size"]} if method == "pipo" else {}), **kw}
+    probe = Engine(model, method, eos_token_ids=EOS, num_blocks=256, **kw)
+    return Engine(model, method, eos_token_ids=EOS, num_blocks=probe.blocks_per_seq + spare, **kw)
 
 
 def check_no_leaks(engine: Engine) -> None:
@@ -45,6 +47,7 @@ def check_no_leaks(engine: Engine) -> None:
     assert engine.pool.available == engine.pool.capacity
     assert sorted(engine.free_slots) == list(range(engine.max_batch_size))
     assert int(engine.decoder.tables.abs().sum()) == 0
+    assert not engine.queued_prompts  # no prompt outlives its requests
 
 
 @pytest.mark.parametrize("method", ["regular", "mtp", "eagle"])
@@ -69,7 +72,7 @@ def test_pipo_exact_under_preemption(pipo_model, tau):
     with torch.no_grad():  # make the confidence head's decisions vary between steps
         model.confidence_head.fc2.weight.normal_(0, 2.0)
     expected = [generate_pipo_reference(model, p, NEW, GREEDY, tau, EOS) for p in PROMPTS]
-    engine = tight_engine(model, "pipo", spare=1, conf_threshold=tau)  # pairs: half the blocks
+    engine = tight_engine(model, "pipo", spare=1, conf_threshold=tau)
     out = engine.generate(PROMPTS, GREEDY, max_new_tokens=NEW, n=2)
     assert [[c.raw_ids for c in row] for row in out] == [[r.raw_ids, r.raw_ids] for r in expected]
     assert engine.metrics["preemptions"] > 0
@@ -152,9 +155,9 @@ def test_sampling_depends_only_on_the_seed(pipo_model, qwen_regular, method):
     model = pipo_model("qwen3_5") if method == "pipo" else qwen_regular[0]
     roomy = Engine(model, method, eos_token_ids=EOS, **{**TIGHT, "max_batch_size": 1})
     alone = [roomy.generate([p], params, max_new_tokens=NEW, seeds=[7 + i])[0][0].raw_ids
-             for i, p in enumerate(PROMPTS[:3])]
+             for i, p in enumerate(PROMPTS)]
     tight = tight_engine(model, method, spare=1 if method == "pipo" else 4)
-    together = tight.generate(PROMPTS[:3], params, max_new_tokens=NEW, seeds=[7, 8, 9])
+    together = tight.generate(PROMPTS, params, max_new_tokens=NEW, seeds=[7 + i for i in range(len(PROMPTS))])
     assert [row[0].raw_ids for row in together] == alone
     assert tight.metrics["preemptions"] > 0
     other = roomy.generate(PROMPTS[:1], params, max_new_tokens=NEW, seeds=[8])[0][0].raw_ids
@@ -353,6 +356,35 @@ def test_max_seq_len_beyond_the_models_positions_is_refused(qwen_regular):
     with pytest.raises(PIPOError, match="max_seq_len=8193 exceeds the model's max_position_embeddings 8192"):
         Engine(qwen_regular[0], "regular", max_seq_len=8193, num_blocks=5)
 
+
+
+def test_pipo_pads_do_not_cut_a_sequence_short(pipo_model):
+    """`max_seq_len` counts the tokens a sequence shows: a budget that fills it is emitted whole (as the
+    reference does) although a pair holding a PAD shows one token (at tau >= 1, every pair does)."""
+    model = pipo_model("qwen3_5")
+    prompt, new = [5, 6, 7, 8], 36
+    expected = generate_pipo_reference(model, prompt, new, GREEDY, 1.0, [])
+    engine = Engine(model, "pipo", eos_token_ids=[], block_size=4, max_seq_len=len(prompt) + new, max_batch_size=1,
+                    conf_threshold=1.0)
+    completion = engine.generate([prompt], GREEDY, max_new_tokens=new)[0][0]
+    assert completion.raw_ids == expected.raw_ids and len(completion.token_ids) == new
+    assert completion.stats.pad_tokens > 0
+    check_no_leaks(engine)
+
+
+@pytest.mark.parametrize("method", ["regular", "mtp", "eagle", "pipo"])
+def test_odd_prompts_pad_to_pairs_only_for_pipo(qwen_regular, pipo_model, method):
+    """A prompt one token short of max_seq_len leaves room for one token, except for PIPO, which pads it to
+    whole pairs (then it fills the sequence)."""
+    model = pipo_model("qwen3_5") if method == "pipo" else qwen_regular[0]
+    engine = Engine(model, method, eos_token_ids=[], block_size=4, max_seq_len=30, max_batch_size=1)
+    prompt = list(range(5, 34))
+    if method == "pipo":
+        with pytest.raises(ShapeError, match="max_seq_len=30"):
+            engine.generate([prompt])
+    else:
+        assert len(engine.generate([prompt], GREEDY, max_new_tokens=4)[0][0].token_ids) == 1
+    check_no_leaks(engine)
 
 @TRITON_ON_CPU
 @pytest.mark.parametrize(

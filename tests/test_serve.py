@@ -20,7 +20,7 @@ from pipo import PIPOForCausalLM  # noqa: E402
 from pipo.engine import Engine  # noqa: E402
 from pipo.model.sampling import GREEDY  # noqa: E402
 from pipo.serve.app import create_app  # noqa: E402
-from pipo.serve.protocol import RequestError, parse_request  # noqa: E402
+from pipo.serve.protocol import GenerationRequest, RequestError, parse_request  # noqa: E402
 from pipo.serve.runner import EngineRunner  # noqa: E402
 from pipo.serve.stream import TextStream, split_reasoning  # noqa: E402
 
@@ -208,3 +208,17 @@ def test_reasoning_split_and_stream_never_takes_text_back(checkpoint):
     r, c = stream.finish("plan more</think>the answer ")
     reasoning, content = reasoning + r, content + c
     assert (reasoning, content) == split_reasoning("plan more</think>the answer ", thinking=True)
+
+
+@pytest.mark.parametrize("method, fits", [("regular", True), ("pipo", False)])
+def test_max_tokens_room_pads_odd_prompts_only_for_pipo(method, fits):
+    """A 15-token prompt in a 16-token context leaves one token, except for PIPO, which pads it to pairs."""
+    from types import SimpleNamespace
+
+    runner = EngineRunner(SimpleNamespace(max_seq_len=16, method=method))
+    request = GenerationRequest(chat=False, prompt=list(range(15)), sampling=GREEDY, max_tokens=1)
+    if fits:
+        assert runner._max_tokens(request, list(range(15))) == 1
+    else:
+        with pytest.raises(RequestError, match="exceed this server's context of 16 tokens"):
+            runner._max_tokens(request, list(range(15)))

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 
 METHODS = ("regular", "pipo", "mtp", "eagle")
 
+
+def prompt_positions(tokens: int, method: str) -> int:
+    """Positions a prompt of `tokens` tokens takes out of `max_seq_len`: PIPO pads an odd prompt to whole pairs."""
+    return tokens + tokens % 2 if method == "pipo" else tokens
+
 # public name -> the submodule that defines it
 _SOURCES = {
     "BlockPool": "pipo.engine.blocks",
@@ -32,6 +37,6 @@ _SOURCES = {
     "open_engine": "pipo.engine.engine",
     "speculative_accept": "pipo.model.sampling",
 }
-__all__ = ["METHODS", *sorted(_SOURCES)]
+__all__ = ["METHODS", "prompt_positions", *sorted(_SOURCES)]
 
 __getattr__ = lazy_getattr(__name__, _SOURCES)

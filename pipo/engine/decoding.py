@@ -142,7 +142,9 @@ class Decoder:
 
     @classmethod
     def capacity_probe(cls, max_seq_len: int, config: DecodeConfig) -> int:
-        """Cache positions per sequence; the margin covers a last step's drafts past the token budget."""
+        """Cache positions per sequence; the margin covers a last step's drafts past the token budget.
+        PIPO's entries are pairs, yet it needs as many: a pair whose token2 was rejected holds one token
+        plus a PAD, so at tau >= 1 every pair does, and `max_seq_len` counts the tokens a sequence shows."""
         return max_seq_len + 2 * cls.room_for(config)
 
     def kv_len(self, seqs: dict[int, Sequence]) -> int:
@@ -499,10 +501,6 @@ class PipoDecoder(Decoder):
     def __init__(self, parts, slots, max_seq_len, config, graphs):
         self.uses_mtp = config.conf_threshold < 1  # tau >= 1 never drafts: skip the MTP step entirely
         super().__init__(parts, slots, max_seq_len, config, graphs)
-
-    @classmethod
-    def capacity_probe(cls, max_seq_len: int, config: DecodeConfig) -> int:
-        return (max_seq_len + 1) // 2 + 2 * cls.room_for(config)  # one entry per pair: half the regular cache
 
     def inputs(self, ids):
         embeds = self.embed(ids)

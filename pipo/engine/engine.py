@@ -52,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from pipo.engine import prompt_positions
 from pipo.engine.blocks import BlockPool, CachedPrompt, PrefixCache
 from pipo.engine.decoding import DECODERS, DecodeConfig, PrefillChunk
 from pipo.engine.graphs import Launched
@@ -298,7 +299,7 @@ class Engine:
         vocab = self.parts.text_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ShapeError(f"{what} holds token ids outside the vocabulary [0, {vocab})")
-        if len(ids) + len(ids) % 2 >= self.max_seq_len:
+        if prompt_positions(len(ids), self.method) >= self.max_seq_len:
             raise ShapeError(
                 f"{what} has {len(ids)} tokens; a sequence holds max_seq_len={self.max_seq_len} tokens, "
                 "prompt and completion together"
@@ -317,7 +318,8 @@ class Engine:
         seed: int | None = None,
     ) -> None:
         """Queue `n` samples of a prompt; `seed` None draws one at random. Updates come from `step()` (token ids;
-        `pipo.serve.stream.TextStream` turns them into text deltas)."""
+        `pipo.serve.stream.TextStream` turns them into text deltas). A `max_new_tokens` past what `max_seq_len`
+        leaves after the prompt is cut to it (such a sample ends with finish reason "length")."""
         if n < 1 or max_new_tokens < 1:
             raise PIPOError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
         if request_id in self.requests:
@@ -351,7 +353,7 @@ class Engine:
             if seq in self.waiting:
                 self.waiting.remove(seq)
                 if seq.slot < 0 and not seq.raw:
-                    self.queued_prompts[seq.units] -= 1
+                    self._unqueue(seq.units)
                     entry = self.prefix_cache.entries.get(seq.units)
                     if entry is not None and entry.waiting > 0:  # it no longer waits for the cached prompt
                         entry.waiting -= 1
@@ -445,6 +447,13 @@ class Engine:
         """Positions of an admitted sequence's feed that still need a prefill forward (0: the cache served it)."""
         return self.decoder.prefill_length(len(seq.feed) // self.decoder.unit_width) - seq.prefilled
 
+    def _unqueue(self, units: tuple[int, ...]) -> None:
+        """One fresh sample of `units` fewer waits; the key leaves with the last one (a server sees every
+        prompt once: zero counts would keep each prompt's tokens for the process's life)."""
+        self.queued_prompts[units] -= 1
+        if self.queued_prompts[units] <= 0:
+            del self.queued_prompts[units]
+
     def _start(self, seq: Sequence) -> bool:
         """Take a decode slot (none for a prefill ahead), a prefill row and the blocks of the sequence's feed
         (sharing a cached prefix) and of what its first-token call writes past it (EAGLE's first drafts).
@@ -475,7 +484,7 @@ class Engine:
             seq.slot = heapq.heappop(self.free_slots)
             seq.start()
         if not seq.raw and not seq.ahead:
-            self.queued_prompts[seq.units] -= 1
+            self._unqueue(seq.units)
         self.decoder.reset(seq.row, seq.tokens)
         self.decoder.set_row(seq.row, seq.params, seq.seed)
         if self.decoder.decodes_last_unit and not seq.ahead:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipo.chat import check_messages
-from pipo.engine import METHODS
+from pipo.engine import METHODS, prompt_positions
 from pipo.engine.options import BACKENDS, DTYPES, EngineOptions, GenerateOptions
 from pipo.errors import InputError, PIPOError
 from pipo.jsonl import append_jsonl, drop_partial_last_line, iter_jsonl, numbered_jsonl
@@ -202,13 +202,13 @@ def run_settings(model: Path, method: str, input: Path, options: GenerateOptions
     }
 
 
-def encode_row(tokenizer, row: dict, input: Path, max_seq_len: int) -> list[int]:
+def encode_row(tokenizer, row: dict, input: Path, max_seq_len: int, method: str) -> list[int]:
     """A row's prompt ids; an empty prompt or one that leaves no room to generate is an error naming the line."""
     from pipo.engine.parts import encode_prompt
 
     ids = encode_prompt(tokenizer, row["row"].get("messages") or row["row"]["prompt"])
     field = "messages" if "messages" in row["row"] else "prompt"
-    if len(ids) + len(ids) % 2 >= max_seq_len:
+    if prompt_positions(len(ids), method) >= max_seq_len:
         raise InputError(f"{len(ids)} tokens leave no room to generate within max_seq_len {max_seq_len} "
                          "(it holds prompt and completion together)", file=input, row=row["lineno"], field=field)
     return ids
@@ -249,7 +249,7 @@ def generate_jsonl(
     check_sizes(model, text_config(model), options, device)
     rows = read_rows(input)
     tokenizer = load_tokenizer(model)
-    prompts = [encode_row(tokenizer, r, input, options.max_seq_len) for r in rows]
+    prompts = [encode_row(tokenizer, r, input, options.max_seq_len, method) for r in rows]
     info = {"model_path": str(model), "input": str(input), "device": str(device), "batch_size": options.batch_size}
     resumed = start_or_resume(output, run_settings(model, method, input, options, sampling), info,
                               overwrite=overwrite)

@@ -14,6 +14,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
+from pipo.engine import prompt_positions
 from pipo.errors import PIPOError
 from pipo.serve.protocol import GenerationRequest, RequestError
 from pipo.serve.stream import TextStream, prompt_opens_thinking
@@ -139,7 +140,7 @@ class EngineRunner:
         return list(request.prompt)
 
     def _max_tokens(self, request: GenerationRequest, prompt_ids: list[int]) -> int:
-        room = self.engine.max_seq_len - len(prompt_ids) - len(prompt_ids) % 2
+        room = self.engine.max_seq_len - prompt_positions(len(prompt_ids), self.engine.method)
         if request.max_tokens is None:
             return max(room, 1)
         if request.max_tokens > room:
