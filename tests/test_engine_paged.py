@@ -654,8 +654,18 @@ def test_prefills_ahead_give_way_to_running_sequences(qwen_regular):
     expected = [generate_regular_reference(model, p, 24, GREEDY, EOS).token_ids for p in prompts]
     engine = Engine(path, "regular", eos_token_ids=EOS, block_size=4, max_seq_len=40, max_batch_size=2,
                     prefill_chunk=8, prefill_rows=2, max_prefill_tokens=16, num_blocks=16)
+    park, copy_block, parked, copies = engine._park, engine.decoder.copy_block, [], []
+
+    def park_and_count(job):  # a finished prefill ahead hands its own blocks to the cache: no copy, no eviction
+        before = (engine.prefix_cache.evicted, len(copies))
+        park(job)
+        parked.append((engine.prefix_cache.evicted - before[0], len(copies) - before[1]))
+
+    engine._park = park_and_count
+    engine.decoder.copy_block = lambda *blocks: copies.append(blocks) or copy_block(*blocks)
     out = engine.generate(prompts, GREEDY, max_new_tokens=24, n=2)
     assert [[c.token_ids for c in row] for row in out] == [[e, e] for e in expected]
+    assert parked and all(item == (0, 0) for item in parked)
     assert engine.metrics["prefills_ahead"] > 0 and engine.prefix_cache.evicted > 0
     assert engine.metrics["preemptions"] == 0
     check_no_leaks(engine)

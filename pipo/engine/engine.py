@@ -581,20 +581,24 @@ class Engine:
     def _park(self, job: Sequence) -> None:
         """A finished prefill ahead: its prompt goes into the prefix cache; its row and blocks are freed."""
         self.prefilling.remove(job)
-        self._cache_prompt(job)
+        self._cache_prompt(job, ending=True)
         self.decoder.tables[job.row].zero_()
         heapq.heappush(self.free_rows, job.row)
         self.pool.release(job.blocks)
         job.blocks, job.row = [], -1
 
-    def _cache_prompt(self, seq: Sequence) -> None:
-        """Keep a prefilled prompt's state: its full blocks shared, its partial block copied (needs one block)."""
+    def _cache_prompt(self, seq: Sequence, ending: bool = False) -> None:
+        """Keep a prefilled prompt's state: its full blocks shared, its partial block copied (needs one block,
+        which may evict), or shared too where `seq` ends here (a prefill ahead: nothing writes it after)."""
         if self.prefix_cache.capacity <= 0 and self.queued_prompts[seq.units] <= 0:
             return
         length = seq.prefilled
         full = self._full_blocks(length)
         blocks = seq.blocks[:full]
-        if -(-length // self.decoder.block_size) > full:
+        if ending:
+            blocks = seq.blocks[: -(-length // self.decoder.block_size)]
+            self.pool.share(blocks)
+        elif -(-length // self.decoder.block_size) > full:
             if self.pool.available < 1:
                 self.prefix_cache.evict(1)
             if self.pool.available < 1:
