@@ -60,9 +60,10 @@ class StopStrings:
         return text[:cut]
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """A request sample in flight: the engine and decoders append to it through `emit`."""
+    """A request sample in flight: the engine and decoders append to it through `emit`. Compared by identity:
+    the engine's queues hold each once, and field-by-field equality read whole prompts per comparison."""
 
     index: int  # which prompt
     sample: int  # which of its n samples
