@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -213,8 +214,6 @@ def test_reasoning_split_and_stream_never_takes_text_back(checkpoint):
 @pytest.mark.parametrize("method, fits", [("regular", True), ("pipo", False)])
 def test_max_tokens_room_pads_odd_prompts_only_for_pipo(method, fits):
     """A 15-token prompt in a 16-token context leaves one token, except for PIPO, which pads it to pairs."""
-    from types import SimpleNamespace
-
     runner = EngineRunner(SimpleNamespace(max_seq_len=16, method=method))
     request = GenerationRequest(chat=False, prompt=list(range(15)), sampling=GREEDY, max_tokens=1)
     if fits:

@@ -24,6 +24,7 @@ def prompt_positions(tokens: int, method: str) -> int:
     """Positions a prompt of `tokens` tokens takes out of `max_seq_len`: PIPO pads an odd prompt to whole pairs."""
     return tokens + tokens % 2 if method == "pipo" else tokens
 
+
 # public name -> the submodule that defines it
 _SOURCES = {
     "BlockPool": "pipo.engine.blocks",
