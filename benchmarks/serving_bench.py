@@ -3,12 +3,12 @@
 256 prompts of 512-2K random tokens, n = 4 samples each, output lengths log-normal (median
 `--median`, capped at `--cap`), EOS ignored so lengths are as drawn. For `regular` and `pipo`
 (tau < 0) the engine runs the workload for `--seconds` of wall time after a warm-up (until
-every slot runs, then until `--age-tokens` more output tokens are out) and reports output tokens/s, peak memory, mean and
-max sequences in flight, their mean KV entries, preemptions and the prefix-block hit rate, next
-to (a) the static-slot reservation of the engine before paging: the same engine limited to the
-batch that reserving `--static-len` tokens per slot allows, and (b) the bytes-per-step bound:
-weights + KV actually read + linear states read and written, per step, over the measured copy
-bandwidth, summed over the steps the run made.
+every slot runs, then until `--age-tokens` more output tokens are out) and reports output
+tokens/s, peak memory, mean and max sequences in flight, their mean KV entries, preemptions and
+the prefix-block hit rate, next to (a) the static-slot reservation of the engine before paging:
+the same engine limited to the batch that reserving `--static-len` tokens per slot allows, and
+(b) the bytes-per-step bound: weights + KV actually read + linear states read and written, per
+step, over the measured copy bandwidth, summed over the steps the run made.
 Also builds the engine at the paper's settings (eval: batch 32 x 163840 on the 4B shape;
 rollout: batch 64 x 135168 on a 9B shape) and runs a few steps on each.
 """
@@ -216,26 +216,26 @@ def main() -> None:
     body = nbytes(causal_lm.model.layers) + nbytes(causal_lm.model.norm)
     weights = {"regular": body + lm,
                "pipo": body + 2 * lm + nbytes(pipo.mtp) + nbytes(pipo.compressor) + nbytes(pipo.confidence_head)}
+    weights["static"] = weights["regular"]
     rows, budget = {}, None
     max_seq_len = args.cap + 2048 + 64
     for method in filter(None, args.methods.split(",")):
-        model, opts = (pipo, {"conf_threshold": -1.0}) if method == "pipo" else (causal_lm, {})
-        if method == "static":
+        model, kind, slots, opts = causal_lm, method, args.max_batch, {}
+        if method == "pipo":
+            model, opts = pipo, {"conf_threshold": -1.0}
+        elif method == "static":
             if budget is None:
                 budget = paged_budget(Engine(causal_lm, "regular", max_batch_size=args.max_batch,
                                            max_seq_len=max_seq_len, eos_token_ids=[]))
                 gc.collect()
                 torch.cuda.empty_cache()
-            per_token = kv_bytes_per_block(list(causal_lm.model.layers), 1, torch.bfloat16)
             kv, state = budget
-            batch = static_batch(per_token, state, kv + args.max_batch * state, args.static_len)
-        engine = Engine(model, "regular" if method == "static" else method,
-                        max_batch_size=batch if method == "static" else args.max_batch, max_seq_len=max_seq_len,
-                        eos_token_ids=[], **opts)
+            per_token = kv_bytes_per_block(list(causal_lm.model.layers), 1, torch.bfloat16)
+            kind, slots = "regular", static_batch(per_token, state, kv + args.max_batch * state, args.static_len)
+        engine = Engine(model, kind, max_batch_size=slots, max_seq_len=max_seq_len, eos_token_ids=[], **opts)
         if method == "regular":
             budget = paged_budget(engine)
-        rows[method] = run_workload(engine, prompts, lengths, args.seconds,
-                                    weights["pipo" if method == "pipo" else "regular"], bandwidth,
+        rows[method] = run_workload(engine, prompts, lengths, args.seconds, weights[method], bandwidth,
                                     not args.no_fill, args.age_tokens)
         print(method, json.dumps(rows[method]), flush=True)
         del engine

@@ -37,7 +37,7 @@ def tight_engine(model, method, spare: int = 4, **kw) -> Engine:
     PIPO's pool holds one sequence of max_seq_len pairs (at tau >= 1 each pair shows one token), while its
     samples here use about half that: it runs twice the rows to run out."""
     kw = {**TIGHT, **({"max_batch_size": 2 * TIGHT["max_batch_size"]} if method == "pipo" else {}), **kw}
-    probe = Engine(model, method, eos_token_ids=EOS, num_blocks=256, **kw)
+    probe = Engine(model, method, eos_token_ids=EOS, num_blocks=64, **kw)
     return Engine(model, method, eos_token_ids=EOS, num_blocks=probe.blocks_per_seq + spare, **kw)
 
 
@@ -357,7 +357,6 @@ def test_max_seq_len_beyond_the_models_positions_is_refused(qwen_regular):
         Engine(qwen_regular[0], "regular", max_seq_len=8193, num_blocks=5)
 
 
-
 def test_pipo_pads_do_not_cut_a_sequence_short(pipo_model):
     """`max_seq_len` counts the tokens a sequence shows: a budget that fills it is emitted whole (as the
     reference does) although a pair holding a PAD shows one token (at tau >= 1, every pair does)."""
@@ -385,6 +384,7 @@ def test_odd_prompts_pad_to_pairs_only_for_pipo(qwen_regular, pipo_model, method
     else:
         assert len(engine.generate([prompt], GREEDY, max_new_tokens=4)[0][0].token_ids) == 1
     check_no_leaks(engine)
+
 
 @TRITON_ON_CPU
 @pytest.mark.parametrize(

@@ -593,23 +593,17 @@ class Engine:
         if self.prefix_cache.capacity <= 0 and self.queued_prompts[seq.units] <= 0:
             return
         length = seq.prefilled
-        full = self._full_blocks(length)
-        blocks = seq.blocks[:full]
-        if ending:
-            blocks = seq.blocks[: -(-length // self.decoder.block_size)]
-            self.pool.share(blocks)
-        elif -(-length // self.decoder.block_size) > full:
+        full, used = self._full_blocks(length), -(-length // self.decoder.block_size)
+        blocks, copy = seq.blocks[: used if ending else full], []
+        if used > len(blocks):  # the partial block, copied: the sequence goes on writing its own
             if self.pool.available < 1:
                 self.prefix_cache.evict(1)
             if self.pool.available < 1:
                 return
-            copy = self.pool.take(1)[0]
-            self.decoder.copy_block(seq.blocks[full], copy)
-            blocks = blocks + [copy]
-            self.pool.share(seq.blocks[:full])
-        else:
-            self.pool.share(blocks)
-        self.prefix_cache.store(CachedPrompt(seq.feed, blocks, length, self.decoder.save_state(seq.row),
+            copy = self.pool.take(1)
+            self.decoder.copy_block(seq.blocks[full], copy[0])
+        self.pool.share(blocks)
+        self.prefix_cache.store(CachedPrompt(seq.feed, blocks + copy, length, self.decoder.save_state(seq.row),
                                              waiting=self.queued_prompts[seq.units]))
 
     def _to_decode(self, seq: Sequence, prefilled: bool) -> None:
